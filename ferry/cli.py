@@ -1,0 +1,86 @@
+"""`ferry serve | web | worker`: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from shared.settings import Settings
+
+
+def _settings_help() -> str:
+    lines = ["settings (environment or .env; prefix FERRY_, plus REDIS_URL):"]
+    for name, field in Settings.model_fields.items():
+        env = "REDIS_URL" if name == "redis_url" else f"FERRY_{name.upper()}"
+        default = field.default if field.default is not None else "unset"
+        lines.append(f"  {env:<24} {field.description} [default: {default}]")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ferry",
+        description="Self-hosted, OpenAI-compatible LLM inference on llama.cpp.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="web + one worker per model (+ a private Redis)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", action="append", metavar="ID_OR_PATH",
+                       help="model to serve (repeatable; default: FERRY_DEFAULT_MODEL)")
+
+    web = sub.add_parser("web", help="the HTTP API (needs REDIS_URL)")
+    web.add_argument("--host")
+    web.add_argument("--port", type=int)
+
+    worker = sub.add_parser("worker", help="a worker serving one model (needs REDIS_URL)")
+    worker.add_argument("--model", metavar="ID_OR_PATH")
+    device = worker.add_mutually_exclusive_group()
+    device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N")
+    device.add_argument("--cpu", action="store_true", help="run without GPU offload")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+    settings = Settings(**overrides)
+
+    if args.command == "serve":
+        from ferry.supervise import serve
+
+        return serve(settings, args.model or [settings.default_model])
+    if args.command == "web":
+        return _web(settings)
+    from workers.main import build
+
+    build(settings, args.model or settings.default_model, gpu=args.gpu, cpu=args.cpu).run()
+    return 0
+
+
+def _web(settings: Settings) -> int:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from functions.app import create_app
+
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.graceful_timeout = 5
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(create_app(settings), config, shutdown_trigger=stop.wait)
+
+    asyncio.run(run())
+    return 0

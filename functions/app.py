@@ -1,0 +1,80 @@
+"""The Quart app factory: blueprints under both path styles, one error renderer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from quart import Quart
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+from functions import completions, health, models, tokenize
+from functions.state import FerryState, invalid
+from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
+from shared.redis import connect
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Jan's local server uses /v1, Jan Server /api/v1: both reach the same handlers.
+API_PREFIXES = ("/v1", "/api/v1")
+
+
+def create_app(settings: Settings) -> Quart:
+    app = Quart("ferry")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    st = FerryState(settings=settings)
+    app.extensions["ferry"] = st
+
+    @app.before_serving
+    async def open_redis() -> None:
+        if settings.redis_url is None:
+            raise RuntimeError("REDIS_URL is not set: `ferry web` needs a Redis (or use `ferry serve`)")
+        st.redis = await connect(settings.redis_url)
+
+    @app.after_serving
+    async def close_redis() -> None:
+        await st.redis.aclose()
+
+    for prefix in API_PREFIXES:
+        name = prefix.strip("/").replace("/", "_")
+        for bp in (completions.bp, models.bp, tokenize.bp):
+            app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
+    app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
+    app.register_blueprint(health.bp)
+
+    app.register_error_handler(FerryError, _render)
+    app.register_error_handler(ValidationError, lambda e: _render(invalid(e)))
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(RedisError, _redis_down)
+    app.register_error_handler(Exception, _unexpected)
+    return app
+
+
+def _render(error: FerryError) -> Any:
+    return error.to_dict(), error.status, error.headers()
+
+
+def _http_error(error: HTTPException) -> Any:
+    status = error.code or 500
+    cls = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}.get(status)
+    if cls is None:
+        return FerryError(error.description or error.name).to_dict(), status
+    messages = {
+        404: "No such endpoint",
+        405: "Method not allowed for this endpoint",
+        413: "The request body is too large",
+    }
+    return _render(cls(messages[status]))
+
+
+def _redis_down(error: RedisError) -> Any:
+    log.error("redis error: %s", error)
+    return _render(Unavailable("The queue (Redis) is unreachable; retry shortly"))
+
+
+def _unexpected(error: Exception) -> Any:
+    log.exception("unhandled error", exc_info=error)
+    return _render(FerryError("The server had an error while processing your request"))

@@ -1,0 +1,95 @@
+"""`/chat/completions` and `/completions`: validate → enqueue → stream or answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from functions import sse
+from functions.jobs import JobMeta, JobStream, load_meta, submit
+from functions.render import Renderer
+from functions.state import parse_body, state
+from shared import models
+from shared.protocol import ChatCompletionRequest, CompletionRequest
+
+bp = Blueprint("completions", __name__)
+
+
+@bp.post("/chat/completions")
+async def chat_completions() -> Any:
+    return await _complete(await parse_body(ChatCompletionRequest))
+
+
+@bp.post("/completions")
+async def completions() -> Any:
+    return await _complete(await parse_body(CompletionRequest))
+
+
+@bp.get("/chat/completions/<job_id>/stream")
+@bp.get("/completions/<job_id>/stream")
+async def resume(job_id: str) -> Response:
+    """Replay a stream after `Last-Event-ID` (header or query), then follow it live."""
+    st = state()
+    job_id = job_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+    meta = await load_meta(st.redis, job_id)
+    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after)
+    return await _stream(stream, Renderer(meta))
+
+
+async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
+    st = state()
+    model = await models.get(st.redis, req.model or st.settings.default_model)
+    job = req.to_job(model.id)
+    meta = JobMeta(
+        id=job.id, kind=job.kind, model=model.id, created=int(time.time()),
+        include_usage=req.stream and req.include_usage,
+    )
+    await submit(st.redis, job, meta, st.settings)
+    stream = JobStream(st.redis, job.id, model.id, st.settings)
+    renderer = Renderer(meta)
+    if req.stream:
+        return await _stream(stream, renderer)
+    async with stream:
+        deltas = [item[1] async for item in stream if item is not None]
+    assert stream.final is not None
+    return renderer.response(deltas, stream.final.usage, job.choice_count)
+
+
+async def _stream(stream: JobStream, renderer: Renderer) -> Response:
+    """Commit to 200 only once the first chunk is in: early failures stay plain HTTP errors."""
+
+    async def chunks() -> AsyncIterator[tuple[str | None, dict[str, Any]] | None]:
+        async with stream:
+            async for item in stream:
+                yield None if item is None else (item[0], renderer.chunk(item[1]))
+        if renderer.meta.include_usage and stream.final is not None:
+            yield None, renderer.usage_chunk(stream.final.usage)
+
+    events = chunks()
+    first = await _first_chunk(events)
+    return sse.response(sse.encode(_prepend(first, events), state().settings.keepalive_s))
+
+
+async def _first_chunk(
+    events: AsyncIterator[tuple[str | None, dict[str, Any]] | None],
+) -> tuple[str | None, dict[str, Any]] | None:
+    """Wait for the first real chunk (or the end); errors raised here become HTTP errors."""
+    async for item in events:
+        if item is not None:
+            return item
+    return None
+
+
+async def _prepend(
+    first: tuple[str | None, dict[str, Any]] | None,
+    rest: AsyncIterator[tuple[str | None, dict[str, Any]] | None],
+) -> AsyncIterator[tuple[str | None, dict[str, Any]] | None]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+

@@ -1,0 +1,163 @@
+"""The handler's side of the queue: submit a job, then read its messages back.
+
+Chunks travel on a Redis Stream per job (not pub/sub): the worker appends, the handler reads from
+any position, so nothing is lost when the handler starts reading late, and a dropped client can
+resume from the last entry id it saw while the stream is kept (``stream_ttl_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from arq.connections import ArqRedis
+from pydantic import BaseModel
+
+from shared import keys, liveness
+from shared.errors import NoWorker, NotFound, QueueFull, WorkerLost, from_wire
+from shared.jobs import Delta, Error, Final, GenerationJob, decode, encode
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GENERATE = "generate"  # the worker's job function
+READ_BLOCK_MS = 500  # how long one XREAD waits; also the tick for liveness checks and pings
+
+
+class JobMeta(BaseModel):
+    """What a reader needs to render a job's stream, kept beside the stream for resumes."""
+
+    id: str
+    kind: str
+    model: str
+    created: int
+    include_usage: bool = False
+
+
+async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: Settings) -> None:
+    """Enqueue `job` on its model's queue, or fail fast with 429 / 503."""
+    queue = keys.queue(job.model)
+    if await redis.zcard(queue) >= settings.queue_limit:
+        raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
+    await wait_for_worker(redis, job.model, settings.worker_wait_s)
+    await redis.set(
+        keys.job_meta(job.id), meta.model_dump_json(),
+        ex=int(settings.job_timeout_s + settings.stream_ttl_s),
+    )
+    await redis.enqueue_job(GENERATE, job=job.model_dump(), _job_id=job.id, _queue_name=queue)
+    # Wake an idle worker now rather than at its next poll.
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(keys.wake(job.model), job.id)
+        pipe.ltrim(keys.wake(job.model), -64, -1)
+        pipe.expire(keys.wake(job.model), 60)
+        await pipe.execute()
+
+
+async def wait_for_worker(redis: ArqRedis, model: str, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while not await liveness.live_workers(redis, model):
+        if time.monotonic() >= deadline:
+            raise NoWorker(f"No worker is serving model '{model}' right now; retry shortly")
+        await asyncio.sleep(0.1)
+
+
+async def load_meta(redis: ArqRedis, job_id: str) -> JobMeta:
+    raw = await redis.get(keys.job_meta(job_id))
+    if raw is None or not await redis.exists(keys.stream(job_id)):
+        raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)", code="stream_not_found")
+    return JobMeta.model_validate_json(raw)
+
+
+class JobStream:
+    """Iterates a job's messages; leaving before the end tells the worker to stop.
+
+    Yields ``(entry_id, Delta)`` pairs, and ``None`` when nothing arrived for a tick (so a caller
+    can send keep-alives). Ends after the job's `Final`, which is kept in `final`. An `Error`
+    message, a dead worker or no worker at all raise the matching `FerryError`.
+    """
+
+    def __init__(
+        self, redis: ArqRedis, job_id: str, model: str, settings: Settings, after: str = "0-0"
+    ) -> None:
+        self.redis = redis
+        self.job_id = job_id
+        self.model = model
+        self.settings = settings
+        self.last_id = after
+        self.final: Final | None = None
+        self._ended = False
+
+    async def __aenter__(self) -> JobStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._ended:
+            # The client left (disconnect, cancel) or we gave up: the worker stops at its next token.
+            await asyncio.shield(
+                self.redis.set(keys.job_cancel(self.job_id), b"1", ex=self.settings.stream_ttl_s)
+            )
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
+        stream_key = keys.stream(self.job_id)
+        unstarted_since: float | None = None
+        while True:
+            batch = await self.redis.xread({stream_key: self.last_id}, block=READ_BLOCK_MS, count=256)
+            if not batch:
+                unstarted_since = await self._check_alive(unstarted_since)
+                yield None
+                continue
+            unstarted_since = None
+            for entry_id, fields in batch[0][1]:
+                self.last_id = entry_id.decode()
+                message = decode(fields[b"m"])
+                if isinstance(message, Delta):
+                    yield self.last_id, message
+                elif isinstance(message, Final):
+                    self.final = message
+                    self._ended = True
+                    return
+                else:
+                    self._ended = True
+                    raise _error(message)
+
+    async def _check_alive(self, unstarted_since: float | None) -> float | None:
+        """Raise if nobody will ever write to this stream; returns the updated 'waiting' clock."""
+        owner = await self.redis.get(keys.job_worker(self.job_id))
+        if owner is not None:
+            if await liveness.is_alive(self.redis, owner.decode()):
+                return None
+            await self._abandon(WorkerLost(
+                "The worker running this request stopped responding; retry the request"
+            ))
+        if await liveness.live_workers(self.redis, self.model):
+            return None
+        now = time.monotonic()
+        if unstarted_since is None:
+            return now
+        if now - unstarted_since >= self.settings.worker_wait_s:
+            await self._abandon(NoWorker(f"No worker is serving model '{self.model}' right now"))
+        return unstarted_since
+
+    async def _abandon(self, error: WorkerLost | NoWorker) -> None:
+        """Take the job off the queue and record why in its stream, then raise."""
+        self._ended = True
+        message = Error(status=error.status, message=error.message, code=error.code)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.queue(self.model), self.job_id)
+            pipe.delete(*keys.arq_job_keys(self.job_id))
+            pipe.set(keys.job_cancel(self.job_id), b"1", ex=self.settings.stream_ttl_s)
+            pipe.xadd(keys.stream(self.job_id), {"m": encode(message)})
+            pipe.expire(keys.stream(self.job_id), self.settings.stream_ttl_s)
+            await pipe.execute()
+        log.warning("job %s abandoned: %s", self.job_id, error.message)
+        raise error
+
+
+def _error(message: Error) -> Exception:
+    return from_wire(message.status, message.message, message.code, message.param)

@@ -1,0 +1,55 @@
+"""What every handler reaches for: the app's Redis pool and settings, and body parsing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from arq.connections import ArqRedis
+from pydantic import BaseModel, ValidationError
+from quart import current_app, request
+
+from shared.errors import InvalidRequest
+from shared.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class FerryState:
+    """Built by `create_app`, filled in `before_serving`, kept in ``app.extensions['ferry']``."""
+
+    settings: Settings
+    redis: ArqRedis = field(init=False)
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+
+
+def state() -> FerryState:
+    return current_app.extensions["ferry"]
+
+
+async def parse_body(model: type[M]) -> M:
+    """The request body as `model`, or a 400 that names the offending parameter."""
+    raw = await request.get_data()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(f"The body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise InvalidRequest("The body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise invalid(e) from e
+
+
+def invalid(e: ValidationError) -> InvalidRequest:
+    first = e.errors()[0]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    message = first["msg"].removeprefix("Value error, ")
+    return InvalidRequest(
+        f"Invalid value for '{param}': {message}" if param else message,
+        param=param or None,
+        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+    )

@@ -1,0 +1,109 @@
+"""The job a handler enqueues and the messages a worker streams back (wire version 1).
+
+A job travels as arq's one keyword argument ``job`` (a plain dict, serialised with orjson).
+Its messages are entries of a Redis Stream (``keys.stream(job_id)``), each a field ``m`` holding
+one JSON message from a closed set:
+
+- ``delta``  a piece of one choice's text (and its logprobs); the last one of a choice carries
+             ``finish_reason``
+- ``final``  the job is done; carries usage
+- ``error``  the job failed; carries an OpenAI-style error with its HTTP status
+
+The stream's entry ids double as SSE event ids, so a client can resume with ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import orjson
+from pydantic import BaseModel, Field, TypeAdapter
+
+WIRE_VERSION = 1
+
+
+class Sampling(BaseModel):
+    """Sampling settings, named as llama-cpp-python's `create_completion` names them."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    stop: list[str] = []
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = {}
+    ignore_eos: bool = False
+
+
+class GenerationJob(BaseModel):
+    """One chat or text completion request, as a worker runs it."""
+
+    v: Literal[1] = WIRE_VERSION
+    id: str
+    model: str
+    kind: Literal["chat", "text"]
+    messages: list[dict[str, Any]] = []  # chat: OpenAI messages, content flattened to text
+    prompts: list[str] = []  # text: one or more prompts, `n` choices each
+    n: int = 1
+    sampling: Sampling = Sampling()
+    logprobs: int | None = None  # number of top alternatives; None: no logprobs
+    json_schema: dict[str, Any] | None = None  # {} means any JSON object (json_object mode)
+
+    @property
+    def choice_count(self) -> int:
+        return self.n * (len(self.prompts) if self.kind == "text" else 1)
+
+
+class Logprobs(BaseModel):
+    """Completion-style logprobs for the tokens of one delta."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class Delta(BaseModel):
+    kind: Literal["delta"] = "delta"
+    index: int
+    text: str = ""
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Final(BaseModel):
+    kind: Literal["final"] = "final"
+    usage: Usage
+
+
+class Error(BaseModel):
+    kind: Literal["error"] = "error"
+    status: int
+    message: str
+    code: str | None = None
+    param: str | None = None
+
+
+Message = Annotated[Union[Delta, Final, Error], Field(discriminator="kind")]
+_message_adapter: TypeAdapter[Delta | Final | Error] = TypeAdapter(Message)
+
+
+def encode(message: Delta | Final | Error) -> bytes:
+    return orjson.dumps(message.model_dump(exclude_defaults=True) | {"kind": message.kind})
+
+
+def decode(raw: bytes) -> Delta | Final | Error:
+    return _message_adapter.validate_json(raw)

@@ -1,0 +1,61 @@
+"""Every Redis key and channel Ferry uses, spelled in one place.
+
+Layout (all strings, `{…}` filled in by the functions below):
+
+- ``ferry:queue:{model}``           arq's queue (a sorted set of job ids) for one model
+- ``ferry:wake:{model}``            list an idle worker BLPOPs on, so a new job skips arq's poll delay
+- ``ferry:stream:{job}``            Redis Stream of the job's messages (delta / final / error);
+                                    kept ``stream_ttl_s`` after its last write so clients can resume
+- ``ferry:job:{job}:meta``          what a reader needs to render the stream (kind, model, created)
+- ``ferry:job:{job}:worker``        id of the worker running the job (set when it starts)
+- ``ferry:job:{job}:cancel``        present when the client went away; the worker stops
+- ``ferry:worker:{worker}``         the worker's heartbeat record (JSON), expires when it goes silent
+- ``ferry:model:{model}:workers``   set of worker ids that serve the model (stale ids pruned on read)
+- ``ferry:models``                  hash: model id -> model record (JSON)
+- ``arq:job:{job}``, ``arq:in-progress:{job}``, ``arq:result:{job}``  arq's own, named here for cleanup
+"""
+
+from __future__ import annotations
+
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+
+PREFIX = "ferry"
+
+MODELS = f"{PREFIX}:models"
+
+
+def queue(model: str) -> str:
+    return f"{PREFIX}:queue:{model}"
+
+
+def wake(model: str) -> str:
+    return f"{PREFIX}:wake:{model}"
+
+
+def stream(job_id: str) -> str:
+    return f"{PREFIX}:stream:{job_id}"
+
+
+def job_meta(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:meta"
+
+
+def job_worker(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:worker"
+
+
+def job_cancel(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:cancel"
+
+
+def worker(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def model_workers(model: str) -> str:
+    return f"{PREFIX}:model:{model}:workers"
+
+
+def arq_job_keys(job_id: str) -> list[str]:
+    """arq's own keys for one job: its definition, in-progress marker and result."""
+    return [job_key_prefix + job_id, in_progress_key_prefix + job_id, result_key_prefix + job_id]

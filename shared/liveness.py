@@ -1,0 +1,51 @@
+"""Worker heartbeats: workers write them, handlers read them to tell live workers from dead ones."""
+
+from __future__ import annotations
+
+import socket
+
+import orjson
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from shared import keys
+
+
+class WorkerInfo(BaseModel):
+    id: str
+    host: str = socket.gethostname()
+    pid: int
+    device: str  # "cpu" or "gpu:N"
+    model: str
+    jobs_in_flight: int = 0
+
+
+async def beat(redis: Redis, info: WorkerInfo, ttl_s: float) -> None:
+    """Say this worker is alive for the next `ttl_s` seconds."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.worker(info.id), info.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.sadd(keys.model_workers(info.model), info.id)
+        await pipe.execute()
+
+
+async def leave(redis: Redis, info: WorkerInfo) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.worker(info.id))
+        pipe.srem(keys.model_workers(info.model), info.id)
+        await pipe.execute()
+
+
+async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
+    """Workers serving `model` whose heartbeat has not expired; dead ones are pruned."""
+    ids = sorted(m.decode() for m in await redis.smembers(keys.model_workers(model)))
+    if not ids:
+        return []
+    records = await redis.mget([keys.worker(i) for i in ids])
+    dead = [i for i, r in zip(ids, records) if r is None]
+    if dead:
+        await redis.srem(keys.model_workers(model), *dead)
+    return [WorkerInfo.model_validate(orjson.loads(r)) for r in records if r is not None]
+
+
+async def is_alive(redis: Redis, worker_id: str) -> bool:
+    return bool(await redis.exists(keys.worker(worker_id)))

@@ -1,0 +1,216 @@
+"""OpenAI request and response shapes for chat and text completions.
+
+Requests validate themselves (bounds as OpenAI documents them) and build their own job with
+`to_job()`. Responses are built from a job's messages by `functions.render`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.errors import InvalidRequest
+from shared.jobs import GenerationJob, Sampling
+
+MAX_CHOICES = 16
+MAX_STOP = 16
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_text(self) -> dict[str, Any]:
+        """The message for a chat template: content flattened to one string."""
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": text}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp's json_object form
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when type is json_schema")
+        return self
+
+    def schema_for_job(self) -> dict[str, Any] | None:
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_ or {}
+        if self.type == "json_object":
+            return self.schema_ or {}
+        return None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _CompletionBase(BaseModel):
+    """Parameters chat and text completions share."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0, le=1)
+    stop: str | list[str] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    repeat_penalty: float = Field(1.0, ge=0)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return [s for s in stops if s]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError("logit_bias values must be between -100 and 100")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int | None) -> Sampling:
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            stop=self.stop or [],
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repeat_penalty=self.repeat_penalty,
+            seed=self.seed,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            ignore_eos=self.ignore_eos,
+        )
+
+    def _json_schema(self) -> dict[str, Any] | None:
+        return self.response_format.schema_for_job() if self.response_format else None
+
+
+class ChatCompletionRequest(_CompletionBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return self
+
+    def to_job(self, model: str) -> GenerationJob:
+        return GenerationJob(
+            id=uuid.uuid4().hex,
+            model=model,
+            kind="chat",
+            messages=[m.as_text() for m in self.messages],
+            n=self.n,
+            sampling=self._sampling(self.max_completion_tokens or self.max_tokens),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            json_schema=self._json_schema(),
+        )
+
+
+class CompletionRequest(_CompletionBase):
+    prompt: str | list[str] = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    @model_validator(mode="after")
+    def _choices_bounded(self) -> CompletionRequest:
+        prompts = 1 if isinstance(self.prompt, str) else len(self.prompt)
+        if prompts * self.n > MAX_CHOICES:
+            raise InvalidRequest(
+                f"prompts x n must be at most {MAX_CHOICES}, got {prompts * self.n}", param="n"
+            )
+        if self.echo:
+            raise InvalidRequest("echo is not supported", param="echo")
+        return self
+
+    def to_job(self, model: str) -> GenerationJob:
+        return GenerationJob(
+            id=uuid.uuid4().hex,
+            model=model,
+            kind="text",
+            prompts=[self.prompt] if isinstance(self.prompt, str) else self.prompt,
+            n=self.n,
+            sampling=self._sampling(self.max_tokens),
+            logprobs=self.logprobs,
+            json_schema=self._json_schema(),
+        )
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str = Field(validation_alias=AliasChoices("input", "content"))
+    add_special: bool = True  # llama.cpp server's name: add BOS where the model wants it
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

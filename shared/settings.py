@@ -1,0 +1,62 @@
+"""Ferry's one settings class, read from the environment and `.env` (prefix ``FERRY_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob Ferry has. `ferry --help` prints this list."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_", env_file=".env", extra="ignore")
+
+    # Where things live
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "FERRY_REDIS_URL"),
+        description="Redis to use (REDIS_URL); unset: `ferry serve` starts a private one",
+    )
+    data_dir: Path = Field(
+        Path(platformdirs.user_data_dir("ferry")),
+        description="Ferry's data folder: embedded Redis files, models",
+    )
+    models_dir: Path | None = Field(None, description="Models folder (default: DATA_DIR/models)")
+    default_model: str = Field(
+        "smollm2-135m-instruct", description="Model used when a request names none"
+    )
+
+    # Web
+    host: str = Field("127.0.0.1", description="Address `ferry serve` / `ferry web` binds")
+    port: int = Field(1337, description="Port `ferry serve` / `ferry web` binds")
+    max_body_bytes: int = Field(2 * 1024 * 1024, description="Largest request body (413 above)")
+
+    # Model loading (Jan's defaults)
+    ctx_len: int = Field(4096, ge=64, description="Context length per model")
+    n_batch: int = Field(512, ge=1, description="Prompt batch size")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads (unset: auto)")
+    n_gpu_layers: int = Field(-1, description="Layers to offload to the GPU (-1: all)")
+    logprobs: bool = Field(
+        True, description="Keep logits for every token so requests can ask for logprobs"
+    )
+
+    # Queue and stream
+    queue_limit: int = Field(64, ge=1, description="Jobs waiting per model before 429")
+    worker_wait_s: float = Field(
+        3.0, gt=0, description="How long a request waits for a live worker before 503"
+    )
+    job_timeout_s: float = Field(600.0, gt=0, description="Longest a worker spends on one job")
+    stream_ttl_s: int = Field(300, ge=10, description="How long finished chunks are kept for resume")
+    heartbeat_s: float = Field(1.0, gt=0, description="Worker heartbeat interval")
+    heartbeat_ttl_s: float = Field(
+        3.0, gt=0, description="A worker silent this long counts as dead"
+    )
+    keepalive_s: float = Field(10.0, gt=0, description="SSE comment ping when a stream is idle")
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+

@@ -1,0 +1,140 @@
+"""Real parts for every test: a Redis, a worker process with SmolLM2, and the web app on hypercorn.
+
+A Redis is started on a free port unless REDIS_URL is set. Processes are started once per session
+and shared; tests that kill a worker start their own, serving the same GGUF under another id.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from ferry.redis_server import EmbeddedRedis, free_port
+from shared import models
+
+SMOLLM = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smollm_path() -> Path:
+    return Path(models.resolve(SMOLLM, Path("/nonexistent")).path)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "FERRY_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "FERRY_WORKER_WAIT_S": "1",
+        "FERRY_HEARTBEAT_S": "0.5",
+        "FERRY_HEARTBEAT_TTL_S": "1.5",
+        "FERRY_CTX_LEN": "2048",
+        "FERRY_MAX_BODY_BYTES": "65536",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class Proc:
+    """A Ferry child process whose output goes to a log file (shown when a test fails)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "ferry", *args], env=env, cwd=ROOT,
+            stdout=self._out, stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+            self.p.wait()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._out.close()
+
+
+def start_worker(env: dict[str, str], model: str, log: Path, timeout_s: float = 60) -> Proc:
+    """Start `ferry worker --model MODEL` and wait until its heartbeat is in Redis."""
+    proc = Proc(["worker", "--model", model], env, log)
+    r = redis.Redis.from_url(env["REDIS_URL"])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            assert proc.p.poll() is None, f"worker exited: {log.read_text()[-2000:]}"
+            beats = [r.get(k) for k in r.scan_iter("ferry:worker:*")]
+            if any(b and orjson.loads(b)["pid"] == proc.p.pid for b in beats):
+                return proc
+            time.sleep(0.1)
+    finally:
+        r.close()
+    proc.stop()
+    raise TimeoutError(f"worker for {model} did not come up: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    proc = start_worker(env, SMOLLM, tmp_path_factory.mktemp("logs") / "worker.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(env: dict[str, str], worker: Proc, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[str]:
+    port = free_port()
+    web = Proc(["web", "--port", str(port)], env, tmp_path_factory.mktemp("logs") / "web.log")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        web.stop()
+        raise TimeoutError(f"web did not come up: {web.log.read_text()[-2000:]}")
+    yield url
+    web.stop()
+
+
+@pytest.fixture
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def rds(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()

@@ -1,0 +1,269 @@
+"""The engine owns one loaded model and turns jobs into messages.
+
+It runs one generation at a time on its own thread (a `Llama` context is not thread-safe), hands
+the event loop each token as a `Delta`, and stops between tokens when told to. A later scheduler
+that batches many jobs through llama.cpp's batch API replaces `run` and keeps its contract:
+a job in, an async stream of message batches out, a `threading.Event` to stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import numpy as np
+from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_chat_format, llama_grammar
+
+from shared.errors import ContextLengthExceeded, InvalidRequest
+from shared.jobs import Delta, Final, GenerationJob, Logprobs, Usage
+from shared.models import ModelRecord
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Chat formats llama-cpp-python ships, for GGUFs that carry no template of their own.
+NAMED_FORMATS: dict[str, llama_chat_format.ChatFormatter] = {
+    "gemma": llama_chat_format.format_gemma,
+    "chatml": llama_chat_format.format_chatml,
+    "llama-2": llama_chat_format.format_llama2,
+    "mistral-instruct": llama_chat_format.format_mistral_instruct,
+}
+
+Message = Delta | Final
+_END = object()
+
+
+@dataclass
+class Prompt:
+    index: int  # first choice index this prompt answers
+    tokens: list[int]
+    stop: list[str]
+    stopping: StoppingCriteriaList | None
+
+
+class Engine:
+    """One model, loaded once; `run` streams a job's messages."""
+
+    def __init__(self, llm: Llama, record: ModelRecord) -> None:
+        self.llm = llm
+        self.record = record
+        self.n_ctx = llm.n_ctx()
+        self.formatter = _chat_formatter(llm, record.chat_format)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def load(cls, record: ModelRecord, settings: Settings, gpu: bool) -> Engine:
+        llm = Llama(
+            model_path=record.path,
+            n_ctx=settings.ctx_len,
+            n_batch=settings.n_batch,
+            n_threads=settings.n_threads,
+            n_gpu_layers=settings.n_gpu_layers if gpu else 0,
+            logits_all=settings.logprobs,
+            verbose=False,
+        )
+        return cls(llm, record)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.llm.close()
+
+    async def run(self, job: GenerationJob, stop: threading.Event) -> AsyncIterator[list[Message]]:
+        """Generate every choice of `job`; yields batches of messages as they are ready.
+
+        Raises `FerryError`s for bad input (before any delta). Setting `stop` ends generation
+        at the next token; the model is free again when this generator finishes.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                for message in self._generate(job, stop):
+                    emit(message)
+            except BaseException as e:  # handed to the event loop and raised there
+                emit(e)
+            finally:
+                emit(_END)
+
+        async with self._lock:
+            done = loop.run_in_executor(self._thread, work)
+            try:
+                while True:
+                    batch = [await queue.get()]
+                    while not queue.empty():
+                        batch.append(queue.get_nowait())
+                    messages = [m for m in batch if isinstance(m, (Delta, Final))]
+                    if messages:
+                        yield messages
+                    for item in batch:
+                        if isinstance(item, BaseException):
+                            raise item
+                    if batch[-1] is _END:
+                        return
+            finally:
+                stop.set()
+                await done  # the model is free only once the thread has let go of it
+
+    # Below runs on the engine thread.
+
+    def _generate(self, job: GenerationJob, stop: threading.Event) -> Iterator[Message]:
+        prompts = self._prompts(job)
+        grammar = _grammar(json.dumps(job.json_schema)) if job.json_schema is not None else None
+        s = job.sampling
+        bias = dict(s.logit_bias)
+        if s.ignore_eos:
+            bias[self.llm.token_eos()] = float("-inf")
+        usage = Usage()
+        for prompt in prompts:
+            usage.prompt_tokens += len(prompt.tokens)
+            for j in range(job.n):
+                counter = _TokenCounter(stop)
+                stopping = StoppingCriteriaList([counter, *(prompt.stopping or [])])
+                chunks = self.llm.create_completion(
+                    prompt=prompt.tokens,
+                    max_tokens=s.max_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    min_p=s.min_p,
+                    stop=[*s.stop, *prompt.stop],
+                    frequency_penalty=s.frequency_penalty,
+                    presence_penalty=s.presence_penalty,
+                    repeat_penalty=s.repeat_penalty,
+                    seed=s.seed,
+                    logit_bias=bias or None,
+                    logprobs=job.logprobs,
+                    grammar=grammar,
+                    stopping_criteria=stopping,
+                    stream=True,
+                )
+                for chunk in chunks:
+                    if stop.is_set():
+                        chunks.close()
+                        return
+                    yield _delta(prompt.index + j, chunk["choices"][0], job.logprobs or 0)
+                usage.completion_tokens += counter.sampled
+        yield Final(usage=usage)
+
+    def _prompts(self, job: GenerationJob) -> list[Prompt]:
+        if job.kind == "chat":
+            if self.formatter is None:
+                raise InvalidRequest(
+                    f"Model '{self.record.id}' has no chat template; use /v1/completions",
+                    param="model",
+                )
+            try:
+                result = self.formatter(messages=job.messages)
+            except (jinja2.TemplateError, ValueError) as e:
+                raise InvalidRequest(f"The chat template refused the messages: {e}",
+                                     param="messages") from e
+            tokens = self.llm.tokenize(
+                result.prompt.encode(), add_bos=not result.added_special, special=True
+            )
+            stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+            prompts = [Prompt(0, tokens, [s for s in stops if s], result.stopping_criteria)]
+        else:
+            prompts = [
+                Prompt(i * job.n, self.llm.tokenize(p.encode(), add_bos=True, special=True), [], None)
+                for i, p in enumerate(job.prompts)
+            ]
+        for p in prompts:
+            self._check_fits(len(p.tokens), job)
+        return prompts
+
+    def _check_fits(self, prompt_tokens: int, job: GenerationJob) -> None:
+        wanted = prompt_tokens + (job.sampling.max_tokens or 1)
+        if wanted > self.n_ctx:
+            param = "messages" if job.kind == "chat" else "prompt"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens. However, you "
+                f"requested {wanted} tokens ({prompt_tokens} in the {param}, "
+                f"{job.sampling.max_tokens or 1} in the completion). Please reduce the length "
+                f"of the {param} or the completion.",
+                param=param,
+            )
+
+
+class _TokenCounter:
+    """A stopping criterion that counts sampled tokens and stops when asked to.
+
+    llama-cpp-python calls it once per sampled token and once more after the loop.
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.calls = 0
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        self.calls += 1
+        return self.stop.is_set()
+
+    @property
+    def sampled(self) -> int:
+        return max(self.calls - 1, 0)
+
+
+def _delta(index: int, choice: dict[str, Any], top_n: int) -> Delta:
+    """One streamed choice of llama-cpp-python as a `Delta`, logprobs as plain floats."""
+    lp = choice.get("logprobs")
+    return Delta(
+        index=index,
+        text=choice["text"],
+        finish_reason=choice.get("finish_reason"),
+        logprobs=Logprobs(
+            tokens=lp["tokens"],
+            token_logprobs=[None if v is None else float(v) for v in lp["token_logprobs"]],
+            top_logprobs=[
+                None if top is None else _top(top, top_n) for top in lp["top_logprobs"]
+            ],
+            text_offset=lp["text_offset"],
+        ) if lp else None,
+    )
+
+
+def _top(alternatives: dict[str, Any], n: int) -> dict[str, float]:
+    # llama-cpp-python adds the sampled token to the top list; OpenAI gives exactly the top n.
+    best = sorted(alternatives.items(), key=lambda kv: kv[1], reverse=True)[:n]
+    return {t: float(v) for t, v in best}
+
+
+@lru_cache(maxsize=64)
+def _grammar(schema_json: str) -> LlamaGrammar:
+    """A grammar forcing JSON; `{}` means any object (json_object mode)."""
+    try:
+        if schema_json == "{}":
+            return LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    except Exception as e:  # llama-cpp-python raises bare ValueError/RuntimeError here
+        raise InvalidRequest(
+            f"response_format schema cannot be enforced: {e}", param="response_format"
+        ) from e
+
+
+def _chat_formatter(llm: Llama, chat_format: str | None) -> llama_chat_format.ChatFormatter | None:
+    """The model's chat template: a named format, else the GGUF's own; None if it has neither."""
+    if chat_format is not None:
+        return NAMED_FORMATS[chat_format]
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template is None:
+        return None
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm.detokenize([eos], special=True).decode(errors="replace"),
+        bos_token=llm.detokenize([bos], special=True).decode(errors="replace") if bos >= 0 else "",
+        stop_token_ids=[eos],
+    )
