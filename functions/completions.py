@@ -9,7 +9,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from functions import sse
-from functions.jobs import JobMeta, JobStream, load_meta, submit
+from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, submit
 from functions.render import Renderer
 from functions.state import parse_body, state
 from shared import models
@@ -36,8 +36,11 @@ async def resume(job_id: str) -> Response:
     job_id = job_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
     meta = await load_meta(st.redis, job_id)
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    renderer = Renderer(meta)
+    for seen in await deltas_upto(st.redis, job_id, after):
+        renderer.chunk(seen)
     stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after)
-    return await _stream(stream, Renderer(meta))
+    return await _stream(stream, renderer)
 
 
 async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:

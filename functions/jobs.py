@@ -43,13 +43,13 @@ async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: S
     if await redis.zcard(queue) >= settings.queue_limit:
         raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     await wait_for_worker(redis, job.model, settings.worker_wait_s)
-    await redis.set(
-        keys.job_meta(job.id), meta.model_dump_json(),
-        ex=int(settings.job_timeout_s + settings.stream_ttl_s),
-    )
     await redis.enqueue_job(GENERATE, job=job.model_dump(), _job_id=job.id, _queue_name=queue)
-    # Wake an idle worker now rather than at its next poll.
     async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(
+            keys.job_meta(job.id), meta.model_dump_json(),
+            ex=int(settings.job_timeout_s + settings.stream_ttl_s),
+        )
+        # Wake an idle worker now rather than at its next poll.
         pipe.rpush(keys.wake(job.model), job.id)
         pipe.ltrim(keys.wake(job.model), -64, -1)
         pipe.expire(keys.wake(job.model), 60)
@@ -69,6 +69,14 @@ async def load_meta(redis: ArqRedis, job_id: str) -> JobMeta:
     if raw is None or not await redis.exists(keys.stream(job_id)):
         raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)", code="stream_not_found")
     return JobMeta.model_validate_json(raw)
+
+
+async def deltas_upto(redis: ArqRedis, job_id: str, last_id: str) -> list[Delta]:
+    """The deltas a resuming client already saw (so role chunks are not sent twice)."""
+    if last_id in ("0", "0-0"):
+        return []
+    entries = await redis.xrange(keys.stream(job_id), "-", last_id)
+    return [m for _, f in entries if isinstance(m := decode(f[b"m"]), Delta)]
 
 
 class JobStream:

@@ -46,10 +46,18 @@ async def parse_body(model: type[M]) -> M:
 
 def invalid(e: ValidationError) -> InvalidRequest:
     first = e.errors()[0]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    loc = [p for p in first["loc"] if not _is_union_tag(p)]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(
         f"Invalid value for '{param}': {message}" if param else message,
         param=param or None,
         code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+    )
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic names the union member it tried ('str', 'list[TextPart]'): not a parameter."""
+    return isinstance(part, str) and (
+        "[" in part or part[:1].isupper() or part in {"str", "int", "float", "bool", "none"}
     )

@@ -1,9 +1,9 @@
 """The engine owns one loaded model and turns jobs into messages.
 
 It runs one generation at a time on its own thread (a `Llama` context is not thread-safe), hands
-the event loop each token as a `Delta`, and stops between tokens when told to. A later scheduler
-that batches many jobs through llama.cpp's batch API replaces `run` and keeps its contract:
-a job in, an async stream of message batches out, a `threading.Event` to stop it.
+each token as a `Delta` to a callback on that thread, and stops between tokens when the callback
+says the client has gone. A later scheduler that batches many jobs through llama.cpp's batch API
+replaces `run` and keeps its contract: a job and a callback in, "stopped early?" out.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +38,7 @@ NAMED_FORMATS: dict[str, llama_chat_format.ChatFormatter] = {
 }
 
 Message = Delta | Final
-_END = object()
+Emit = Callable[[list[Message]], bool]
 
 
 @dataclass
@@ -77,47 +77,31 @@ class Engine:
         self._thread.shutdown(wait=True)
         self.llm.close()
 
-    async def run(self, job: GenerationJob, stop: threading.Event) -> AsyncIterator[list[Message]]:
-        """Generate every choice of `job`; yields batches of messages as they are ready.
+    async def run(self, job: GenerationJob, emit: Emit) -> bool:
+        """Generate every choice of `job`, handing each message to `emit` on the engine thread.
 
-        Raises `FerryError`s for bad input (before any delta). Setting `stop` ends generation
-        at the next token; the model is free again when this generator finishes.
+        `emit` returns True when the client has gone; generation then ends at the next token.
+        Returns whether it ended that way. Raises `FerryError`s for bad input, before any delta.
+        Publishing from the engine thread keeps the event loop (and its share of the GIL) out
+        of the token loop.
         """
+        stop = threading.Event()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                for message in self._generate(job, stop):
-                    emit(message)
-            except BaseException as e:  # handed to the event loop and raised there
-                emit(e)
-            finally:
-                emit(_END)
-
         async with self._lock:
-            done = loop.run_in_executor(self._thread, work)
+            done = loop.run_in_executor(self._thread, self._generate_all, job, emit, stop)
             try:
-                while True:
-                    batch = [await queue.get()]
-                    while not queue.empty():
-                        batch.append(queue.get_nowait())
-                    messages = [m for m in batch if isinstance(m, (Delta, Final))]
-                    if messages:
-                        yield messages
-                    for item in batch:
-                        if isinstance(item, BaseException):
-                            raise item
-                    if batch[-1] is _END:
-                        return
+                return await asyncio.shield(done)
             finally:
-                stop.set()
-                await done  # the model is free only once the thread has let go of it
+                stop.set()  # cancelled (shutdown, timeout): stop the thread, then let go
+                await asyncio.wait([done])
 
     # Below runs on the engine thread.
+
+    def _generate_all(self, job: GenerationJob, emit: Emit, stop: threading.Event) -> bool:
+        for message in self._generate(job, stop):
+            if emit([message]):
+                stop.set()
+        return stop.is_set()
 
     def _generate(self, job: GenerationJob, stop: threading.Event) -> Iterator[Message]:
         prompts = self._prompts(job)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
 from typing import Any
 
+import redis
 from arq import Worker
 from arq.worker import func
 
@@ -32,11 +34,22 @@ class FerryWorker(Worker):
     def __init__(self, *, wake_key: str, **kwargs: Any) -> None:
         super().__init__(poll_delay=0, **kwargs)
         self.wake_key = wake_key
+        self._job_done = asyncio.Event()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._job_done.set()
 
     async def _poll_iteration(self) -> None:
         await super()._poll_iteration()
         if self.job_counter < self.max_jobs:
             await self.pool.blpop([self.wake_key], timeout=WAKE_WAIT_S)
+            return
+        # Busy: sleep until a job ends rather than spin, which would steal the CPU and the GIL
+        # from the generation thread.
+        self._job_done.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._job_done.wait(), WAKE_WAIT_S)
 
 
 def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = False) -> FerryWorker:
@@ -56,7 +69,10 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
 
         engine = await asyncio.to_thread(Engine.load, record, settings, not cpu)
         record.ctx_len = engine.n_ctx
-        st = WorkerState(settings=settings, redis=ctx["redis"], engine=engine, info=info)
+        st = WorkerState(
+            settings=settings, redis=ctx["redis"], engine=engine, info=info,
+            stream_client=redis.Redis.from_url(settings.redis_url),
+        )
         ctx["ferry"] = st
         await models.register(st.redis, record)
         await liveness.beat(st.redis, info, settings.heartbeat_ttl_s)
@@ -69,6 +85,7 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
         if "ferry" in ctx:
             await liveness.leave(ctx["redis"], info)
             ctx["ferry"].engine.close()
+            ctx["ferry"].stream_client.close()
 
     from workers.generate import generate
 

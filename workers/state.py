@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
 from redis.asyncio import Redis
 
 from shared.liveness import WorkerInfo
@@ -16,4 +17,5 @@ class WorkerState:
     settings: Settings
     redis: Redis
     engine: Engine
+    stream_client: redis.Redis  # blocking client the engine thread publishes with
     info: WorkerInfo

@@ -1,0 +1,115 @@
+"""Bad input gets a clear OpenAI-style error with the right 4xx, never a 500 or a hang."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import SMOLLM
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def error_of(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_invalid_json(http: httpx.Client) -> None:
+    err = error_of(http.post("/v1/chat/completions", content=b"{not json"), 400)
+    assert err["code"] == "invalid_json" and err["type"] == "invalid_request_error"
+    error_of(http.post("/v1/completions", content=b"[1, 2]"), 400)
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -3}, "max_completion_tokens"),
+        ({"n": 0}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"stream": "yes please"}, "stream"),
+    ],
+)
+def test_chat_schema_violations_name_the_parameter(
+    http: httpx.Client, patch: dict[str, object], param: str
+) -> None:
+    body = {"model": SMOLLM, "messages": MSG, "max_tokens": 4, **patch}
+    err = error_of(http.post("/v1/chat/completions", json=body), 400)
+    assert err["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [({"prompt": 42}, "prompt"), ({"prompt": []}, "prompt"), ({"logprobs": 9}, "logprobs"),
+     ({"prompt": ["a"] * 9, "n": 2}, "n")],
+)
+def test_completion_schema_violations(
+    http: httpx.Client, patch: dict[str, object], param: str
+) -> None:
+    body = {"model": SMOLLM, "prompt": "hi", "max_tokens": 4, **patch}
+    assert error_of(http.post("/v1/completions", json=body), 400)["param"] == param
+
+
+def test_missing_prompt(http: httpx.Client) -> None:
+    err = error_of(http.post("/v1/completions", json={"model": SMOLLM}), 400)
+    assert err["param"] == "prompt" and err["code"] == "missing_required_parameter"
+
+
+def test_unknown_model_is_404(http: httpx.Client) -> None:
+    for path, body in [("/v1/chat/completions", {"messages": MSG}),
+                       ("/api/v1/completions", {"prompt": "x"}),
+                       ("/extras/tokenize", {"input": "x"})]:
+        err = error_of(http.post(path, json={**body, "model": "gpt-17"}), 404)
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+def test_body_too_large_is_413(http: httpx.Client) -> None:
+    big = "x" * 70_000  # the test server allows 64 KiB
+    err = error_of(http.post("/v1/chat/completions",
+                             json={"messages": [{"role": "user", "content": big}]}), 413)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length_exceeded(http: httpx.Client, stream: bool) -> None:
+    body = {"model": SMOLLM, "messages": MSG, "max_tokens": 5000, "stream": stream}
+    err = error_of(http.post("/v1/chat/completions", json=body), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    long_prompt = "word " * 3000  # the test workers run with a 2048-token context
+    err = error_of(http.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4}), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+
+
+def test_wrong_method_and_unknown_path(http: httpx.Client) -> None:
+    assert error_of(http.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+    assert error_of(http.delete("/v1/completions"), 405)
+    assert error_of(http.get("/v1/nothing-here"), 404)
+
+
+def test_unsupported_content_part(http: httpx.Client) -> None:
+    part = {"type": "image_url", "image_url": {"url": "data:,"}}
+    err = error_of(http.post("/v1/chat/completions",
+                             json={"messages": [{"role": "user", "content": [part]}]}), 400)
+    assert str(err["param"]).startswith("messages[0].content")
+
+
+def test_tokenize_needs_input(http: httpx.Client) -> None:
+    assert error_of(http.post("/extras/tokenize", json={}), 400)["param"] == "input"
+    err = error_of(http.post("/extras/detokenize", json={"tokens": [10**9]}), 400)
+    assert err["param"] == "tokens"

@@ -1,0 +1,210 @@
+"""The queue path's guarantees: concurrency, cancel on disconnect, dead workers, resume, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from tests.conftest import SMOLLM, smollm_path, start_worker
+
+LONG = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(id, data) for each event of an SSE body, comments skipped."""
+    event_id = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+            event_id = None
+
+
+def stream_text(datas: list[str]) -> str:
+    out = ""
+    for d in datas:
+        if d != "[DONE]":
+            choices = orjson.loads(d)["choices"]
+            out += "".join(c["delta"].get("content") or "" for c in choices)
+    return out
+
+
+def job_id_of(chunk_data: str) -> str:
+    return orjson.loads(chunk_data)["id"].removeprefix("chatcmpl-")
+
+
+def deltas_in(rds: redis.Redis, job_id: str) -> int:
+    return sum(1 for _, f in rds.xrange(f"ferry:stream:{job_id}")
+               if orjson.loads(f[b"m"])["kind"] == "delta")
+
+
+def test_concurrent_streams_all_complete(base_url: str) -> None:
+    results: dict[int, list[str]] = {}
+
+    def one(i: int) -> None:
+        body = {"model": SMOLLM, "prompt": f"{i} + {i} =", "max_tokens": 5, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            results[i] = [d for _, d in sse_events(r.iter_lines())]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(6))
+    for datas in results.values():
+        assert datas[-1] == "[DONE]"
+        ids = {orjson.loads(d)["id"] for d in datas[:-1]}
+        assert len(ids) == 1  # every chunk of a stream belongs to its own job
+    assert len({orjson.loads(d[0])["id"] for d in results.values()}) == 6
+
+
+def test_disconnect_stops_generation_and_frees_the_model(
+    base_url: str, http: httpx.Client, rds: redis.Redis
+) -> None:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=LONG, timeout=60) as r:
+        assert r.status_code == 200
+        first = next(d for _, d in sse_events(r.iter_lines()))
+    job = job_id_of(first)  # the client is gone now
+    deadline = time.monotonic() + 10
+    while not rds.exists(f"ferry:job:{job}:cancel"):
+        assert time.monotonic() < deadline, "the handler never told the worker to stop"
+        time.sleep(0.005)
+    at_cancel = deltas_in(rds, job)
+    while True:
+        kinds = [orjson.loads(f[b"m"])["kind"] for _, f in rds.xrange(f"ferry:stream:{job}")]
+        if kinds and kinds[-1] == "error":
+            break
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.05)
+    last = orjson.loads(rds.xrevrange(f"ferry:stream:{job}", count=1)[0][1][b"m"])
+    assert last["code"] == "cancelled"
+    assert deltas_in(rds, job) - at_cancel <= 2  # stopped within a token or two of the cancel
+    assert deltas_in(rds, job) < 400
+    # The model is free: the next request is served at once.
+    r2 = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r2.status_code == 200
+
+
+def test_resume_with_last_event_id(base_url: str, http: httpx.Client) -> None:
+    body = {"model": SMOLLM, "messages": [{"role": "user", "content": "Count to five."}],
+            "max_tokens": 10, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1][1] == "[DONE]"
+    job = orjson.loads(events[0][1])["id"]
+    cut = 3  # the client "saw" three events, then dropped
+    resumed = http.get(f"/v1/chat/completions/{job}/stream",
+                       headers={"Last-Event-ID": events[cut - 1][0]})
+    assert resumed.status_code == 200
+    rest = list(sse_events(iter(resumed.text.splitlines())))
+    assert rest == events[cut:]
+    again = http.get(f"/api/v1/chat/completions/{job}/stream")  # from the start
+    assert list(sse_events(iter(again.text.splitlines()))) == events
+    assert http.get("/v1/chat/completions/chatcmpl-nope/stream").status_code == 404
+
+
+def test_resume_follows_a_live_stream(base_url: str) -> None:
+    body = {**LONG, "max_tokens": 12}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        it = sse_events(r.iter_lines())
+        first = next(it)
+        job = orjson.loads(first[1])["id"]
+        with httpx.stream("GET", f"{base_url}/v1/chat/completions/{job}/stream",
+                          timeout=60) as follower:
+            followed = list(sse_events(follower.iter_lines()))
+        original = [first, *it]
+    assert followed == original and followed[-1][1] == "[DONE]"
+
+
+def test_queue_full_is_429(http: httpx.Client, rds: redis.Redis) -> None:
+    queue = f"ferry:queue:{SMOLLM}"
+    far_future = time.time() * 1000 + 3_600_000  # never due, so the worker leaves them alone
+    fillers = {f"filler-{i}": far_future for i in range(64)}
+    rds.zadd(queue, fillers)
+    try:
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["Retry-After"]
+        assert r.json()["error"]["code"] == "queue_full"
+    finally:
+        rds.zrem(queue, *fillers)
+    assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+@pytest.fixture
+def victim(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The SmolLM2 file under another name, so its worker can be killed without harm."""
+    link = tmp_path / "victim.gguf"
+    link.symlink_to(smollm_path())
+    yield "victim", link
+
+
+def test_killed_worker_ends_streams_and_the_next_worker_serves(
+    base_url: str, env: dict[str, str], victim: tuple[str, Path], tmp_path: Path
+) -> None:
+    model, path = victim
+    body = {**LONG, "model": model}
+    worker = start_worker(env, str(path), tmp_path / "w1.log")
+    try:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                          timeout=30) as r:
+            assert r.status_code == 200
+            it = sse_events(r.iter_lines())
+            next(it)
+            killed_at = time.monotonic()
+            worker.kill()
+            rest = [d for _, d in it]
+        assert time.monotonic() - killed_at < 10
+        assert rest[-1] == "[DONE]"
+        err = orjson.loads(rest[-2])["error"]
+        assert err["code"] == "worker_lost"
+
+        # No live worker now: a bounded wait, then 503 with Retry-After.
+        with httpx.Client(base_url=base_url, timeout=30) as http:
+            started = time.monotonic()
+            r = http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            assert r.json()["error"]["code"] == "no_worker"
+            assert time.monotonic() - started < 5
+
+            worker = start_worker(env, str(path), tmp_path / "w2.log")
+            ok = http.post("/v1/chat/completions",
+                           json={**body, "stream": False, "max_tokens": 3})
+            assert ok.status_code == 200, ok.text
+
+            # A non-streaming client whose worker dies gets 503 with Retry-After.
+            threading.Timer(1.0, worker.kill).start()
+            lost = http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert lost.status_code == 503 and lost.headers["Retry-After"]
+            assert lost.json()["error"]["code"] == "worker_lost"
+    finally:
+        worker.stop()
+
+
+def test_tokenize_uses_the_model_tokenizer(http: httpx.Client) -> None:
+    tokens = http.post("/extras/tokenize", json={"input": "Hello, world!"}).json()["tokens"]
+    assert tokens and all(isinstance(t, int) for t in tokens)
+    count = http.post("/v1/extras/tokenize/count", json={"input": "Hello, world!"}).json()
+    assert count == {"count": len(tokens)}
+    text = http.post("/api/v1/extras/detokenize", json={"tokens": tokens}).json()["content"]
+    assert text.endswith("Hello, world!")
+    usage = http.post("/v1/completions", json={"prompt": "Hello, world!", "max_tokens": 1}
+                      ).json()["usage"]
+    assert usage["prompt_tokens"] == len(tokens)
+
+
+def test_health(http: httpx.Client) -> None:
+    body = http.get("/health").json()
+    assert body["status"] == "ok" and body["workers"][SMOLLM] >= 1
+

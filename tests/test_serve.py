@@ -1,0 +1,97 @@
+"""`ferry serve`, as a newcomer runs it: its own Redis, a supervised worker, a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ferry.redis_server import free_port
+from tests.conftest import ROOT, SMOLLM
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("ferry serve did not become healthy")
+
+
+def test_serve_restarts_a_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env |= {"FERRY_DATA_DIR": str(tmp_path), "FERRY_HEARTBEAT_TTL_S": "1.5",
+            "FERRY_CTX_LEN": "1024"}
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen([sys.executable, "-m", "ferry", "serve", "--port", str(port)],
+                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url)
+        kids = children_of(serve.pid)
+        assert any("redis-server" in cmdline(k) or "valkey" in cmdline(k) for k in kids)
+        worker = next(k for k in kids if "ferry worker" in cmdline(k))
+        body = {"model": SMOLLM, "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            new = [k for k in children_of(serve.pid) if "ferry worker" in cmdline(k)]
+            if new and new[0] != worker:
+                break
+            assert time.monotonic() < deadline, "the dead worker was not restarted"
+            time.sleep(0.2)
+        wait_healthy(url)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+
+        everything = children_of(serve.pid)
+        serve.send_signal(signal.SIGINT)  # Ctrl-C
+        assert serve.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in everything):
+            assert time.monotonic() < deadline, [cmdline(p) for p in everything if alive(p)]
+            time.sleep(0.1)
+        assert (tmp_path / "redis" / "appendonlydir").is_dir()  # the embedded Redis persisted
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        log.close()
