@@ -143,7 +143,7 @@ async def measure(args: argparse.Namespace, inproc: InProcess, ferry: Ferry) -> 
                 results.setdefault((name, level), []).append(await side.run(level, args.tokens))
 
     print(f"\n{args.tokens} tokens per stream, {args.requests} streams per level, "
-          f"threads={inproc.llm.n_threads if hasattr(inproc.llm, 'n_threads') else 'auto'}\n")
+          f"threads={inproc.llm.n_threads}\n")
     head = (f"{'conc':>4} {'side':<11} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} "
             f"{'stream tok/s':>13} {'aggregate tok/s':>16}")
     print(head)

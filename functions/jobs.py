@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel
 
 from shared import keys, liveness
-from shared.errors import NoWorker, NotFound, QueueFull, WorkerLost, from_wire
+from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
 from shared.jobs import Delta, Error, Final, GenerationJob, decode, encode
 from shared.settings import Settings
 

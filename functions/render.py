@@ -27,7 +27,7 @@ def _chat_logprobs(lp: Logprobs) -> list[dict[str, Any]]:
                 for t, v in (top or {}).items()
             ],
         }
-        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)
     ]
 
 

@@ -38,7 +38,7 @@ async def tokenize() -> Any:
     tokens = vocab.tokenize(req.input.encode(), add_bos=req.add_special, special=True)
     if req.with_pieces:
         pieces = [vocab.detokenize([t], special=True).decode(errors="replace") for t in tokens]
-        return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]}
+        return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces, strict=True)]}
     return {"tokens": tokens}
 
 

@@ -14,12 +14,12 @@ The stream's entry ids double as SSE event ids, so a client can resume with ``La
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
-WIRE_VERSION = 1
+WIRE_VERSION: Literal[1] = 1
 
 
 class Sampling(BaseModel):
@@ -97,7 +97,7 @@ class Error(BaseModel):
     param: str | None = None
 
 
-Message = Annotated[Union[Delta, Final, Error], Field(discriminator="kind")]
+Message = Annotated[Delta | Final | Error, Field(discriminator="kind")]
 _message_adapter: TypeAdapter[Delta | Final | Error] = TypeAdapter(Message)
 
 

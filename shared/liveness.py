@@ -41,7 +41,7 @@ async def live_workers(redis: Redis, model: str) -> list[WorkerInfo]:
     if not ids:
         return []
     records = await redis.mget([keys.worker(i) for i in ids])
-    dead = [i for i, r in zip(ids, records) if r is None]
+    dead = [i for i, r in zip(ids, records, strict=True) if r is None]
     if dead:
         await redis.srem(keys.model_workers(model), *dead)
     return [WorkerInfo.model_validate(orjson.loads(r)) for r in records if r is not None]

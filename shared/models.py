@@ -11,6 +11,7 @@ import importlib.util
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
@@ -39,7 +40,7 @@ class ModelRecord(BaseModel):
     chat_format: str | None = None
     ctx_len: int | None = None
 
-    def public(self) -> dict[str, object]:
+    def public(self) -> dict[str, Any]:
         return self.model_dump(include={"id", "object", "created", "owned_by", "ctx_len"})
 
 

@@ -84,7 +84,7 @@ class _CompletionBase(BaseModel):
     top_p: float = Field(1.0, ge=0, le=1)
     top_k: int = Field(40, ge=0)
     min_p: float = Field(0.05, ge=0, le=1)
-    stop: str | list[str] | None = None
+    stop: list[str] = []
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repeat_penalty: float = Field(1.0, ge=0)
@@ -97,10 +97,12 @@ class _CompletionBase(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
+        stops = [v] if isinstance(v, str) else v or []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return [s for s in stops if s]
@@ -126,7 +128,7 @@ class _CompletionBase(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
-            stop=self.stop or [],
+            stop=self.stop,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             repeat_penalty=self.repeat_penalty,

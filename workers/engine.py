@@ -12,11 +12,11 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import numpy as np
@@ -38,7 +38,7 @@ NAMED_FORMATS: dict[str, llama_chat_format.ChatFormatter] = {
 }
 
 Message = Delta | Final
-Emit = Callable[[list[Message]], bool]
+Emit = Callable[[Sequence[Message]], bool]
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Engine:
             for j in range(job.n):
                 counter = _TokenCounter(stop)
                 stopping = StoppingCriteriaList([counter, *(prompt.stopping or [])])
-                chunks = self.llm.create_completion(
+                chunks = cast(Iterator[Any], self.llm.create_completion(
                     prompt=prompt.tokens,
                     max_tokens=s.max_tokens,
                     temperature=s.temperature,
@@ -133,10 +133,10 @@ class Engine:
                     grammar=grammar,
                     stopping_criteria=stopping,
                     stream=True,
-                )
+                ))
                 for chunk in chunks:
                     if stop.is_set():
-                        chunks.close()
+                        chunks.close()  # type: ignore[attr-defined]  # a generator
                         return
                     yield _delta(prompt.index + j, chunk["choices"][0], job.logprobs or 0)
                 usage.completion_tokens += counter.sampled
@@ -150,7 +150,7 @@ class Engine:
                     param="model",
                 )
             try:
-                result = self.formatter(messages=job.messages)
+                result = self.formatter(messages=cast(Any, job.messages))
             except (jinja2.TemplateError, ValueError) as e:
                 raise InvalidRequest(f"The chat template refused the messages: {e}",
                                      param="messages") from e

@@ -43,7 +43,8 @@ class FerryWorker(Worker):
     async def _poll_iteration(self) -> None:
         await super()._poll_iteration()
         if self.job_counter < self.max_jobs:
-            await self.pool.blpop([self.wake_key], timeout=WAKE_WAIT_S)
+            # Redis >= 6 takes fractional seconds; redis-py's hints say int.
+            await self.pool.blpop([self.wake_key], timeout=WAKE_WAIT_S)  # type: ignore[arg-type]
             return
         # Busy: sleep until a job ends rather than spin, which would steal the CPU and the GIL
         # from the generation thread.
@@ -57,7 +58,8 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
     if gpu is not None:
         # Must happen before llama.cpp initialises CUDA, i.e. before the engine is imported.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    if settings.redis_url is None:
+    url = settings.redis_url
+    if url is None:
         raise SystemExit("REDIS_URL is not set: `ferry worker` needs a Redis (or use `ferry serve`)")
     record = models.resolve(model, settings.models_path)
     device = "cpu" if cpu else f"gpu:{gpu}" if gpu is not None else "auto"
@@ -71,7 +73,7 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
         record.ctx_len = engine.n_ctx
         st = WorkerState(
             settings=settings, redis=ctx["redis"], engine=engine, info=info,
-            stream_client=redis.Redis.from_url(settings.redis_url),
+            stream_client=redis.Redis.from_url(url),
         )
         ctx["ferry"] = st
         await models.register(st.redis, record)
@@ -93,7 +95,7 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
         wake_key=keys.wake(record.id),
         functions=[func(generate, name="generate", max_tries=1)],
         queue_name=keys.queue(record.id),
-        redis_settings=redis_settings(settings.redis_url),
+        redis_settings=redis_settings(url),
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=1,  # the engine runs one generation at a time; idle peers take the rest

@@ -5,6 +5,8 @@ Runs on the engine thread with a blocking Redis client, one round trip per batch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import redis
 
 from shared import keys
@@ -19,7 +21,7 @@ class Publisher:
         self.job_id = job_id
         self.ttl_s = ttl_s
 
-    def send(self, messages: list[Delta | Final | Error]) -> bool:
+    def send(self, messages: Sequence[Delta | Final | Error]) -> bool:
         """Publish `messages`; returns True when the client has asked the job to stop."""
         stream = keys.stream(self.job_id)
         with self.client.pipeline(transaction=False) as pipe:

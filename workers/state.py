@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from shared.liveness import WorkerInfo
@@ -17,5 +17,5 @@ class WorkerState:
     settings: Settings
     redis: Redis
     engine: Engine
-    stream_client: redis.Redis  # blocking client the engine thread publishes with
+    stream_client: SyncRedis  # blocking client the engine thread publishes with
     info: WorkerInfo
