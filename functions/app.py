@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import ValidationError
 from quart import Quart
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from functions import completions, health, models, tokenize
-from functions.state import FerryState, invalid
+from functions import assistants, completions, conversations, health, models, runs, threads, tokenize
+from functions.state import LOCAL_USER, FerryState
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
 from shared.settings import Settings
@@ -33,6 +32,7 @@ def create_app(settings: Settings) -> Quart:
         if settings.redis_url is None:
             raise RuntimeError("REDIS_URL is not set: `ferry web` needs a Redis (or use `ferry serve`)")
         st.redis = await connect(settings.redis_url)
+        await assistants.ensure_default(st.redis, LOCAL_USER)
 
     @app.after_serving
     async def close_redis() -> None:
@@ -40,13 +40,13 @@ def create_app(settings: Settings) -> Quart:
 
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
-        for bp in (completions.bp, models.bp, tokenize.bp):
+        for bp in (completions.bp, models.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
+                   conversations.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)
 
     app.register_error_handler(FerryError, _render)
-    app.register_error_handler(ValidationError, lambda e: _render(invalid(e)))
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(RedisError, _redis_down)
     app.register_error_handler(Exception, _unexpected)

@@ -9,10 +9,14 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from functions import sse
+from functions.conversations import record_turn
 from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, submit
 from functions.render import Renderer
+from functions.sse import Event
 from functions.state import parse_body, state
 from shared import models
+from shared.jobs import Reply
+from shared.objects import new_id
 from shared.protocol import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("completions", __name__)
@@ -47,6 +51,9 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
     st = state()
     model = await models.get(st.redis, req.model or st.settings.default_model)
     job = req.to_job(model.id)
+    if isinstance(req, ChatCompletionRequest) and req.conversation:
+        thread = await record_turn(req.conversation, req)
+        job.reply = Reply(thread_id=thread.id, owner=thread.owner, message_id=new_id("msg"))
     meta = JobMeta(
         id=job.id, kind=job.kind, model=model.id, created=int(time.time()),
         include_usage=req.stream and req.include_usage,
@@ -65,34 +72,12 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
 async def _stream(stream: JobStream, renderer: Renderer) -> Response:
     """Commit to 200 only once the first chunk is in: early failures stay plain HTTP errors."""
 
-    async def chunks() -> AsyncIterator[tuple[str | None, dict[str, Any]] | None]:
+    async def chunks() -> AsyncIterator[Event | None]:
         async with stream:
             async for item in stream:
-                yield None if item is None else (item[0], renderer.chunk(item[1]))
+                yield None if item is None else Event(renderer.chunk(item[1]), id=item[0])
         if renderer.meta.include_usage and stream.final is not None:
-            yield None, renderer.usage_chunk(stream.final.usage)
+            yield Event(renderer.usage_chunk(stream.final.usage))
 
-    events = chunks()
-    first = await _first_chunk(events)
-    return sse.response(sse.encode(_prepend(first, events), state().settings.keepalive_s))
-
-
-async def _first_chunk(
-    events: AsyncIterator[tuple[str | None, dict[str, Any]] | None],
-) -> tuple[str | None, dict[str, Any]] | None:
-    """Wait for the first real chunk (or the end); errors raised here become HTTP errors."""
-    async for item in events:
-        if item is not None:
-            return item
-    return None
-
-
-async def _prepend(
-    first: tuple[str | None, dict[str, Any]] | None,
-    rest: AsyncIterator[tuple[str | None, dict[str, Any]] | None],
-) -> AsyncIterator[tuple[str | None, dict[str, Any]] | None]:
-    if first is not None:
-        yield first
-    async for item in rest:
-        yield item
+    return await sse.respond_after_first(chunks(), state().settings.keepalive_s)
 

@@ -28,4 +28,19 @@ async def health() -> Any:
         return {"status": "unavailable", "reason": f"redis unreachable: {e}", "timestamp": now}, 503
     if not any(workers.values()):
         return {"status": "unavailable", "reason": "no live worker", "timestamp": now}, 503
-    return {"status": "ok", "timestamp": now, "workers": workers}
+    body = {"status": "ok", "timestamp": now, "workers": workers,
+            "persistence": await persistence(redis)}
+    if body["persistence"] == "off":
+        body["warning"] = ("Redis keeps nothing on disk: threads, messages and assistants are "
+                           "lost when it restarts (enable appendonly)")
+    return body
+
+
+async def persistence(redis: Any) -> str:
+    """How Redis keeps data on disk: aof, rdb, both, off, or unknown (CONFIG refused)."""
+    try:
+        aof = (await redis.config_get("appendonly")).get("appendonly") == "yes"
+        rdb = bool((await redis.config_get("save")).get("save"))
+    except RedisError:
+        return "unknown"
+    return "+".join(kind for kind, on in (("aof", aof), ("rdb", rdb)) if on) or "off"

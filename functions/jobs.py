@@ -88,7 +88,8 @@ class JobStream:
     """
 
     def __init__(
-        self, redis: ArqRedis, job_id: str, model: str, settings: Settings, after: str = "0-0"
+        self, redis: ArqRedis, job_id: str, model: str, settings: Settings, after: str = "0-0",
+        cancel_on_exit: bool = True,
     ) -> None:
         self.redis = redis
         self.job_id = job_id
@@ -96,6 +97,7 @@ class JobStream:
         self.settings = settings
         self.last_id = after
         self.final: Final | None = None
+        self.cancel_on_exit = cancel_on_exit  # False for runs: they outlive their readers
         self._ended = False
 
     async def __aenter__(self) -> JobStream:
@@ -105,7 +107,7 @@ class JobStream:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._ended:
+        if self.cancel_on_exit and not self._ended:
             # The client left (disconnect, cancel) or we gave up: the worker stops at its next token.
             await asyncio.shield(
                 self.redis.set(keys.job_cancel(self.job_id), b"1", ex=self.settings.stream_ttl_s)

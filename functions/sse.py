@@ -1,10 +1,11 @@
-"""The one Server-Sent Events encoder: chunks with ids, keep-alive pings, error frames, [DONE]."""
+"""The one Server-Sent Events encoder: events with ids, keep-alive pings, error frames, the end."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,21 +15,33 @@ from shared.errors import FerryError
 
 log = logging.getLogger(__name__)
 
-DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 
 
-def event(data: dict[str, Any], event_id: str | None = None) -> bytes:
-    head = f"id: {event_id}\n".encode() if event_id else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+@dataclass
+class Event:
+    data: dict[str, Any] | str
+    id: str | None = None
+    name: str | None = None  # `event:` line; chat and text completions use none
+
+    def encode(self) -> bytes:
+        head = f"id: {self.id}\n".encode() if self.id else b""
+        if self.name:
+            head += f"event: {self.name}\n".encode()
+        body = self.data.encode() if isinstance(self.data, str) else orjson.dumps(self.data)
+        return head + b"data: " + body + b"\n\n"
+
+
+DONE = Event("[DONE]")
 
 
 async def encode(
-    events: AsyncIterator[tuple[str | None, dict[str, Any]] | None], keepalive_s: float
+    events: AsyncIterator[Event | None], keepalive_s: float, *, done: Event = DONE,
+    error_name: str | None = None,
 ) -> AsyncIterator[bytes]:
-    """Encode `(id, chunk)` pairs; `None` means 'nothing yet', answered by a ping when idle.
+    """Encode events; `None` means 'nothing yet', answered by a ping when idle.
 
-    A failure after the 200 becomes one error frame; the stream always ends with [DONE].
+    A failure after the 200 becomes one error frame; the stream always ends with `done`.
     """
     last_sent = time.monotonic()
     try:
@@ -40,13 +53,32 @@ async def encode(
                     yield PING
                 continue
             last_sent = now
-            yield event(item[1], item[0])
+            yield item.encode()
     except FerryError as e:
-        yield event(e.to_dict())
+        yield Event(e.to_dict(), name=error_name).encode()
     except Exception:
         log.exception("stream failed")
-        yield event(FerryError("The stream failed on the server").to_dict())
-    yield DONE
+        yield Event(FerryError("The stream failed on the server").to_dict(), name=error_name).encode()
+    yield done.encode()
+
+
+async def respond_after_first(
+    events: AsyncIterator[Event | None], keepalive_s: float, **encoding: Any
+) -> Response:
+    """Commit to 200 only once the first event is in: early failures stay plain HTTP errors."""
+    first = None
+    async for item in events:  # exceptions raised here become ordinary HTTP errors
+        if item is not None:
+            first = item
+            break
+
+    async def rest() -> AsyncIterator[Event | None]:
+        if first is not None:
+            yield first
+        async for item in events:
+            yield item
+
+    return response(encode(rest(), keepalive_s, **encoding))
 
 
 def response(body: AsyncIterator[bytes]) -> Response:

@@ -14,6 +14,7 @@ from shared.errors import InvalidRequest
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
+LOCAL_USER = "local"
 
 
 @dataclass
@@ -42,6 +43,19 @@ async def parse_body(model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise invalid(e) from e
+
+
+def parse_query(model: type[M]) -> M:
+    """Query-string parameters as `model`, or a 400 naming the offending one."""
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as e:
+        raise invalid(e) from e
+
+
+def caller() -> str:
+    """Who is asking: the owner recorded on what they store. One local user while auth is off."""
+    return LOCAL_USER
 
 
 def invalid(e: ValidationError) -> InvalidRequest:

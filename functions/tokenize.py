@@ -19,7 +19,7 @@ from shared.protocol import DetokenizeRequest, TokenizeRequest
 bp = Blueprint("tokenize", __name__)
 
 
-async def _tokenizer(model: str | None) -> Any:
+async def tokenizer(model: str | None) -> Any:
     st = state()
     record = await models.get(st.redis, model or st.settings.default_model)
     if record.id not in st.tokenizers:
@@ -34,7 +34,7 @@ async def _tokenizer(model: str | None) -> Any:
 @bp.post("/extras/tokenize")
 async def tokenize() -> Any:
     req = await parse_body(TokenizeRequest)
-    vocab = await _tokenizer(req.model)
+    vocab = await tokenizer(req.model)
     tokens = vocab.tokenize(req.input.encode(), add_bos=req.add_special, special=True)
     if req.with_pieces:
         pieces = [vocab.detokenize([t], special=True).decode(errors="replace") for t in tokens]
@@ -45,14 +45,14 @@ async def tokenize() -> Any:
 @bp.post("/extras/tokenize/count")
 async def count() -> Any:
     req = await parse_body(TokenizeRequest)
-    vocab = await _tokenizer(req.model)
+    vocab = await tokenizer(req.model)
     return {"count": len(vocab.tokenize(req.input.encode(), add_bos=req.add_special, special=True))}
 
 
 @bp.post("/extras/detokenize")
 async def detokenize() -> Any:
     req = await parse_body(DetokenizeRequest)
-    vocab = await _tokenizer(req.model)
+    vocab = await tokenizer(req.model)
     bad = [t for t in req.tokens if not 0 <= t < vocab.n_vocab()]
     if bad:
         raise InvalidRequest(f"token ids out of range: {bad[:5]}", param="tokens")

@@ -39,6 +39,16 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
 
 
+class Reply(BaseModel):
+    """Where the worker stores the finished answer: a thread, and the run that asked, if any."""
+
+    thread_id: str
+    owner: str
+    message_id: str
+    assistant_id: str | None = None
+    run_id: str | None = None
+
+
 class GenerationJob(BaseModel):
     """One chat or text completion request, as a worker runs it."""
 
@@ -52,6 +62,7 @@ class GenerationJob(BaseModel):
     sampling: Sampling = Sampling()
     logprobs: int | None = None  # number of top alternatives; None: no logprobs
     json_schema: dict[str, Any] | None = None  # {} means any JSON object (json_object mode)
+    reply: Reply | None = None  # store choice 0 as an assistant message before `final`
 
     @property
     def choice_count(self) -> int:

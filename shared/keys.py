@@ -12,6 +12,13 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:worker:{worker}``         the worker's heartbeat record (JSON), expires when it goes silent
 - ``ferry:model:{model}:workers``   set of worker ids that serve the model (stale ids pruned on read)
 - ``ferry:models``                  hash: model id -> model record (JSON)
+- ``ferry:seq``                     counter giving every stored object its place in listings
+- ``ferry:obj:{kind}:{id}``         a stored object (JSON): kind is assistant, thread or run
+- ``ferry:owner:{owner}:{kind}``    sorted set: the owner's objects of that kind, by creation order
+- ``ferry:thread:{id}:messages``    hash: message id -> message (JSON)
+- ``ferry:thread:{id}:order``       sorted set: message id -> its place in the thread (total order)
+- ``ferry:thread:{id}:seq``         counter behind that order
+- ``ferry:thread:{id}:runs``        sorted set: the thread's runs, by creation order
 - ``arq:job:{job}``, ``arq:in-progress:{job}``, ``arq:result:{job}``  arq's own, named here for cleanup
 """
 
@@ -54,6 +61,33 @@ def worker(worker_id: str) -> str:
 
 def model_workers(model: str) -> str:
     return f"{PREFIX}:model:{model}:workers"
+
+
+SEQ = f"{PREFIX}:seq"
+
+
+def obj(kind: str, object_id: str) -> str:
+    return f"{PREFIX}:obj:{kind}:{object_id}"
+
+
+def owned(owner: str, kind: str) -> str:
+    return f"{PREFIX}:owner:{owner}:{kind}"
+
+
+def thread_messages(thread_id: str) -> str:
+    return f"{PREFIX}:thread:{thread_id}:messages"
+
+
+def thread_order(thread_id: str) -> str:
+    return f"{PREFIX}:thread:{thread_id}:order"
+
+
+def thread_seq(thread_id: str) -> str:
+    return f"{PREFIX}:thread:{thread_id}:seq"
+
+
+def thread_runs(thread_id: str) -> str:
+    return f"{PREFIX}:thread:{thread_id}:runs"
 
 
 def arq_job_keys(job_id: str) -> list[str]:

@@ -143,6 +143,8 @@ class _CompletionBase(BaseModel):
 
 class ChatCompletionRequest(_CompletionBase):
     messages: list[ChatMessage] = Field(min_length=1)
+    conversation: str | None = Field(None, validation_alias=AliasChoices("conversation",
+                                                                         "conversation_id"))
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

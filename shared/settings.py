@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `ferry serve` / `ferry web` binds")
     port: int = Field(1337, description="Port `ferry serve` / `ferry web` binds")
     max_body_bytes: int = Field(2 * 1024 * 1024, description="Largest request body (413 above)")
+    max_message_chars: int = Field(256_000, ge=1, description="Longest stored message (400 above)")
 
     # Model loading (Jan's defaults)
     ctx_len: int = Field(4096, ge=64, description="Context length per model")

@@ -52,6 +52,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
         "FERRY_HEARTBEAT_TTL_S": "1.5",
         "FERRY_CTX_LEN": "2048",
         "FERRY_MAX_BODY_BYTES": "65536",
+        "FERRY_MAX_MESSAGE_CHARS": "4000",
         "PYTHONUNBUFFERED": "1",
     }
 

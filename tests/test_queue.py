@@ -207,4 +207,6 @@ def test_tokenize_uses_the_model_tokenizer(http: httpx.Client) -> None:
 def test_health(http: httpx.Client) -> None:
     body = http.get("/health").json()
     assert body["status"] == "ok" and body["workers"][SMOLLM] >= 1
+    assert body["persistence"] in ("aof", "rdb", "aof+rdb", "off", "unknown")
+    assert ("warning" in body) == (body["persistence"] == "off")
 

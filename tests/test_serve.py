@@ -54,15 +54,19 @@ def wait_healthy(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError("ferry serve did not become healthy")
 
 
-def test_serve_restarts_a_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
+def start_serve(tmp_path: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env |= {"FERRY_DATA_DIR": str(tmp_path), "FERRY_HEARTBEAT_TTL_S": "1.5",
             "FERRY_CTX_LEN": "1024"}
     port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "ferry", "serve", "--port", str(port)],
-                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / f"{name}.log").open("wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "ferry", "serve", "--port", str(port)],
+                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return serve, f"http://127.0.0.1:{port}"
+
+
+def test_serve_restarts_a_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
+    serve, url = start_serve(tmp_path, "first")
     try:
         wait_healthy(url)
         kids = children_of(serve.pid)
@@ -94,4 +98,29 @@ def test_serve_restarts_a_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
     finally:
         if serve.poll() is None:
             serve.kill()
-        log.close()
+
+
+def test_threads_survive_a_restart_of_ferry_and_its_redis(tmp_path: Path) -> None:
+    serve, url = start_serve(tmp_path, "first")
+    try:
+        wait_healthy(url)
+        assert httpx.get(f"{url}/health").json()["persistence"] == "aof"
+        thread = httpx.post(f"{url}/v1/threads", json={"title": "keep me"}).json()
+        message = httpx.post(f"{url}/v1/threads/{thread['id']}/messages",
+                             json={"role": "user", "content": "remember this"}).json()
+        assistant = httpx.post(f"{url}/v1/assistants", json={"name": "kept"}).json()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=30) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    serve, url = start_serve(tmp_path, "second")
+    try:
+        wait_healthy(url)
+        assert httpx.get(f"{url}/v1/threads/{thread['id']}").json()["title"] == "keep me"
+        listed = httpx.get(f"{url}/v1/threads/{thread['id']}/messages").json()["data"]
+        assert listed == [message]
+        assert httpx.get(f"{url}/v1/assistants/{assistant['id']}").json()["name"] == "kept"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from shared import keys
+from shared import keys, store
 from shared.errors import FerryError
-from shared.jobs import Error, GenerationJob
+from shared.jobs import Delta, Error, Final, GenerationJob
 from workers.publish import Publisher
 from workers.state import WorkerState
 
@@ -24,22 +25,55 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     async with st.redis.pipeline(transaction=False) as pipe:
         pipe.exists(keys.job_cancel(gen.id))
         pipe.set(keys.job_worker(gen.id), st.info.id, ex=int(st.settings.job_timeout_s) + 60)
-        if (await pipe.execute())[0]:
-            return "cancelled"  # the client left while the job was queued
+        cancelled_while_queued = (await pipe.execute())[0]
     out = Publisher(st.stream_client, gen.id, st.settings.stream_ttl_s)
+    answer = _Answer(out, hold_final=gen.reply is not None)
+    if cancelled_while_queued:
+        outcome, last = "cancelled", CANCELLED
+    else:
+        outcome, last = await _run(st, gen, answer)
+    if gen.reply is not None:
+        if outcome == "completed" and answer.final is not None:
+            # Stored before `final` goes out, so a client that sees the end finds the message.
+            await store.store_reply(st.redis, gen.reply, answer.text, answer.final.usage)
+        elif outcome != "completed":
+            await store.end_run(st.redis, gen.reply, outcome, last.model_dump() if last else None)
+    if last is not None:
+        await asyncio.to_thread(out.send, [last])
+    log.info("job %s %s", gen.id, outcome)
+    return outcome
+
+
+async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[str, Any]:
     st.info.jobs_in_flight += 1
     try:
-        if await st.engine.run(gen, out.send):
-            outcome, last = "cancelled", CANCELLED
-        else:
-            return "completed"
+        if await st.engine.run(job, answer.emit):
+            return "cancelled", CANCELLED
+        return "completed", answer.final if answer.hold_final else None
     except FerryError as e:
-        outcome, last = "failed", Error(status=e.status, message=e.message, code=e.code, param=e.param)
+        return "failed", Error(status=e.status, message=e.message, code=e.code, param=e.param)
     except Exception:
-        log.exception("job %s failed", gen.id)
-        outcome, last = "failed", Error(status=500, message="Generation failed on the worker")
+        log.exception("job %s failed", job.id)
+        return "failed", Error(status=500, message="Generation failed on the worker")
     finally:
         st.info.jobs_in_flight -= 1
-    await asyncio.to_thread(out.send, [last])
-    log.info("job %s %s: %s", gen.id, outcome, last.message)
-    return outcome
+
+
+class _Answer:
+    """Publishes as the engine emits; keeps choice 0's text, and holds `final` back if asked."""
+
+    def __init__(self, out: Publisher, hold_final: bool) -> None:
+        self.out = out
+        self.hold_final = hold_final
+        self.parts: list[str] = []
+        self.final: Final | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def emit(self, messages: Sequence[Delta | Final]) -> bool:
+        self.parts.extend(m.text for m in messages if isinstance(m, Delta) and m.index == 0)
+        if self.hold_final and isinstance(messages[-1], Final):
+            self.final, messages = messages[-1], messages[:-1]
+        return self.out.send(messages)

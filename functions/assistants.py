@@ -1,0 +1,65 @@
+"""`/assistants`: create, list, get, modify, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+
+from functions.state import caller, parse_body, parse_query, state
+from shared import keys, store
+from shared.objects import DEFAULT_ASSISTANT, Assistant, check_id, new_id, now
+from shared.thread_protocol import AssistantCreate, AssistantModify, ListParams
+
+bp = Blueprint("assistants", __name__)
+
+
+@bp.post("/assistants")
+async def create() -> Any:
+    body = await parse_body(AssistantCreate)
+    assistant = Assistant(id=new_id("asst"), owner=caller(), **body.model_dump())
+    await store.create(state().redis, assistant)
+    return assistant.public()
+
+
+@bp.get("/assistants")
+async def list_assistants() -> Any:
+    params = parse_query(ListParams)
+    return await store.list_owned(state().redis, Assistant, caller(), **params.paging())
+
+
+@bp.get("/assistants/<assistant_id>")
+async def get(assistant_id: str) -> Any:
+    return (await _owned(assistant_id)).public()
+
+
+@bp.post("/assistants/<assistant_id>")
+@bp.patch("/assistants/<assistant_id>")
+async def modify(assistant_id: str) -> Any:
+    assistant = await _owned(assistant_id)
+    body = await parse_body(AssistantModify)
+    assistant = assistant.model_copy(update=body.model_dump(exclude_unset=True))
+    await store.save(state().redis, assistant)
+    return assistant.public()
+
+
+@bp.delete("/assistants/<assistant_id>")
+async def delete(assistant_id: str) -> Any:
+    assistant = await _owned(assistant_id)
+    await store.delete(state().redis, assistant)
+    return {"id": assistant.id, "object": "assistant.deleted", "deleted": True}
+
+
+async def _owned(assistant_id: str) -> Assistant:
+    return await store.get(state().redis, Assistant, check_id(assistant_id, "assistant_id"),
+                           caller())
+
+
+async def ensure_default(redis: Any, owner: str) -> None:
+    """A new install has Jan's default assistant."""
+    if not await redis.exists(keys.obj("assistant", DEFAULT_ASSISTANT)):
+        await store.create(redis, Assistant(
+            id=DEFAULT_ASSISTANT, owner=owner, name="Jan", created_at=now(),
+            description="A default assistant that can use all downloaded models",
+            instructions="You are a helpful assistant.",
+        ))

@@ -1,0 +1,186 @@
+"""`/threads/{id}/runs`: the thread's assistant answers, through the same queue as completions.
+
+The worker stores the reply in the thread (and completes the run) itself, so the answer is kept
+even when the client or this web process goes away mid-run. A run is not tied to a connection:
+it is stopped by `POST .../cancel`, not by a disconnect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint
+
+from functions import sse
+from functions.jobs import JobMeta, JobStream, submit
+from functions.sse import Event
+from functions.state import caller, parse_body, parse_query, state
+from functions.threads import owned_thread
+from functions.tokenize import tokenizer
+from shared import keys, liveness, models, store
+from shared.errors import FerryError, InvalidRequest, NotFound
+from shared.jobs import GenerationJob, Reply, Sampling
+from shared.objects import FINISHED, Assistant, Message, Run, Thread, check_id, new_id, now
+from shared.thread_protocol import ListParams, RunCreate
+
+bp = Blueprint("runs", __name__)
+
+MESSAGE_OVERHEAD = 8  # template tokens around each message (role markers, separators)
+DEFAULT_RESERVE = 512  # tokens kept free for the answer when a run names no limit
+
+
+@bp.post("/threads/<thread_id>/runs")
+async def create(thread_id: str) -> Any:
+    st = state()
+    thread = await owned_thread(thread_id)
+    body = await parse_body(RunCreate)
+    assistant = await _assistant(body.assistant_id or thread.assistant_id)
+    record = await _model(body.model or thread.model or assistant.model or st.settings.default_model)
+    instructions = "\n\n".join(
+        t for t in (body.instructions or assistant.instructions, body.additional_instructions) if t
+    ) or None
+    run_id, message_id = new_id("run"), new_id("msg")
+    job = GenerationJob(
+        id=new_id("job"), model=record.id, kind="chat",
+        messages=await _prompt(thread, instructions, record, body.max_completion_tokens),
+        sampling=_sampling(assistant, body),
+        reply=Reply(thread_id=thread.id, owner=thread.owner, assistant_id=assistant.id,
+                    run_id=run_id, message_id=message_id),
+    )
+    run = Run(id=run_id, owner=caller(), thread_id=thread.id, assistant_id=assistant.id,
+              model=record.id, instructions=instructions, job_id=job.id,
+              metadata=body.metadata)
+    await store.create_run(st.redis, run)
+    meta = JobMeta(id=job.id, kind="chat", model=record.id, created=int(time.time()))
+    try:
+        await submit(st.redis, job, meta, st.settings)
+    except FerryError as e:
+        await store.update_run(st.redis, run.id, status="failed", failed_at=now(),
+                               last_error={"code": e.code, "message": e.message})
+        raise
+    run = await store.update_run(st.redis, run.id, status="in_progress", started_at=now()) or run
+    if not body.stream:
+        return run.public()
+    stream = JobStream(st.redis, job.id, record.id, st.settings, cancel_on_exit=False)
+    return await sse.respond_after_first(
+        _events(run, message_id, stream), st.settings.keepalive_s,
+        done=Event("[DONE]", name="done"), error_name="error",
+    )
+
+
+@bp.get("/threads/<thread_id>/runs")
+async def list_runs(thread_id: str) -> Any:
+    thread = await owned_thread(thread_id)
+    return await store.list_runs(state().redis, thread, **parse_query(ListParams).paging())
+
+
+@bp.get("/threads/<thread_id>/runs/<run_id>")
+async def get(thread_id: str, run_id: str) -> Any:
+    return (await _checked(await _owned_run(thread_id, run_id))).public()
+
+
+@bp.post("/threads/<thread_id>/runs/<run_id>/cancel")
+async def cancel(thread_id: str, run_id: str) -> Any:
+    st = state()
+    run = await _owned_run(thread_id, run_id)
+    if run.status not in FINISHED:
+        await st.redis.set(keys.job_cancel(run.job_id), b"1", ex=st.settings.stream_ttl_s)
+        run = await store.update_run(st.redis, run.id, status="cancelling") or run
+    return run.public()
+
+
+async def _events(run: Run, message_id: str, stream: JobStream) -> AsyncIterator[Event | None]:
+    """OpenAI's assistant stream events around the tokens of one reply."""
+    redis = state().redis
+    yield Event(run.public(), name="thread.run.created")
+    yield Event(run.public(), name="thread.run.in_progress")
+    try:
+        async with stream:
+            async for item in stream:
+                if item is None:
+                    yield None
+                    continue
+                text = {"index": 0, "type": "text", "text": {"value": item[1].text}}
+                yield Event({"id": message_id, "object": "thread.message.delta",
+                             "delta": {"content": [text]}}, id=item[0], name="thread.message.delta")
+        thread = await store.get(redis, Thread, run.thread_id, run.owner)
+        message = await store.get_message(redis, thread, message_id)
+        yield Event(message.public(), name="thread.message.completed")
+    except FerryError as e:  # cancelled or failed: the worker has recorded it on the run
+        yield Event(e.to_dict(), name="error")
+    done = await store.get(redis, Run, run.id, run.owner)
+    yield Event(done.public(), name=f"thread.run.{done.status}")
+
+
+async def _owned_run(thread_id: str, run_id: str) -> Run:
+    run = await store.get(state().redis, Run, check_id(run_id, "run_id"), caller())
+    if run.thread_id != check_id(thread_id, "thread_id"):
+        raise NotFound(f"No run found with id '{run_id}' in thread '{thread_id}'")
+    return run
+
+
+async def _checked(run: Run) -> Run:
+    """A run whose worker died is failed, not left in progress forever."""
+    redis = state().redis
+    if run.status in FINISHED:
+        return run
+    owner = await redis.get(keys.job_worker(run.job_id))
+    if owner is not None and not await liveness.is_alive(redis, owner.decode()):
+        error = {"code": "worker_lost", "message": "The worker running this run stopped"}
+        return await store.update_run(redis, run.id, status="failed", failed_at=now(),
+                                      last_error=error) or run
+    return run
+
+
+async def _assistant(assistant_id: str) -> Assistant:
+    try:
+        return await store.get(state().redis, Assistant, check_id(assistant_id, "assistant_id"),
+                               caller())
+    except NotFound as e:
+        raise InvalidRequest(e.message, param="assistant_id") from e
+
+
+async def _model(model_id: str) -> models.ModelRecord:
+    try:
+        return await models.get(state().redis, model_id)
+    except NotFound as e:
+        raise InvalidRequest(f"The run's model '{model_id}' does not exist", param="model") from e
+
+
+async def _prompt(thread: Thread, instructions: str | None, record: models.ModelRecord,
+                  max_tokens: int | None) -> list[dict[str, Any]]:
+    """Instructions plus the thread's messages, dropping the oldest until they fit the context."""
+    vocab = await tokenizer(record.id)
+
+    def size(text: str) -> int:
+        return len(vocab.tokenize(text.encode(), add_bos=False, special=False)) + MESSAGE_OVERHEAD
+
+    ctx = record.ctx_len or state().settings.ctx_len
+    budget = ctx - (max_tokens or min(DEFAULT_RESERVE, ctx // 4))
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    budget -= sum(size(m["content"]) for m in system)
+    kept: list[Message] = []
+    for message in reversed(await store.history(state().redis, thread)):
+        budget -= size(message.text)
+        if budget < 0 and kept:
+            break
+        kept.append(message)
+    if not kept:
+        raise InvalidRequest("The thread has no messages to answer", param="thread_id")
+    return system + [{"role": m.role, "content": m.text} for m in reversed(kept)]
+
+
+def _sampling(assistant: Assistant, body: RunCreate) -> Sampling:
+    params = {k: v for k, v in assistant.parameters.items() if k in Sampling.model_fields}
+    for name in ("temperature", "top_p"):
+        if getattr(body, name) is not None:
+            params[name] = getattr(body, name)
+    if body.max_completion_tokens:
+        params["max_tokens"] = body.max_completion_tokens
+    try:
+        return Sampling.model_validate(params)
+    except ValueError as e:
+        raise InvalidRequest(f"The assistant's parameters are invalid: {e}",
+                             param="assistant_id") from e
