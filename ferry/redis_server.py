@@ -37,11 +37,16 @@ class EmbeddedRedis:
         self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.port: int | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 10.0) -> str:
+        """Start on a free port, or on the port it had before (a restart keeps the URL)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a free port can be taken between our probe and the server's bind
-            port = free_port()
+            port = self.port or free_port()
             self.proc = subprocess.Popen(
                 [
                     server_binary(), "--port", str(port), "--bind", "127.0.0.1",
@@ -53,6 +58,7 @@ class EmbeddedRedis:
             )
             self.url = f"redis://127.0.0.1:{port}/0"
             if self._wait_ready(timeout_s):
+                self.port = port
                 return self.url
             self.stop()
         raise RuntimeError(f"the embedded Redis did not start; see {self.data_dir / 'redis.log'}")

@@ -78,6 +78,9 @@ def serve(settings: Settings, models: list[str]) -> int:
             child.start()
         log.info("Ferry on http://%s:%d (Ctrl-C stops it)", settings.host, settings.port)
         while not stopping:
+            if redis_server is not None and not redis_server.alive():
+                log.warning("the embedded Redis exited; restarting it on the same port")
+                redis_server.start()
             for child in children:
                 if not child.alive() and not stopping:
                     _restart(child)

@@ -124,3 +124,29 @@ def test_threads_survive_a_restart_of_ferry_and_its_redis(tmp_path: Path) -> Non
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=30)
+
+
+def test_embedded_redis_restarts_and_keeps_what_was_stored(tmp_path: Path) -> None:
+    serve, url = start_serve(tmp_path, "serve")
+    try:
+        wait_healthy(url)
+        thread = httpx.post(f"{url}/v1/threads", json={"title": "durable"}).json()
+        time.sleep(1.5)  # the append-only file is fsynced every second
+        redis_pid = next(k for k in children_of(serve.pid)
+                         if "redis-server" in cmdline(k) or "valkey" in cmdline(k))
+        os.kill(redis_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # Redis back, workers reconnected (or restarted), web answering
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "Ferry did not recover from a Redis restart"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/threads/{thread['id']}").json()["title"] == "durable"
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
