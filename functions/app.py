@@ -36,6 +36,8 @@ def create_app(settings: Settings) -> Quart:
 
     @app.after_serving
     async def close_redis() -> None:
+        for task in list(st.downloads):  # the .part file stays; a new download resumes it
+            task.cancel()
         await st.redis.aclose()
 
     for prefix in API_PREFIXES:

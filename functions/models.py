@@ -1,23 +1,161 @@
-"""`/models`: the models workers have registered."""
+"""`/models`: list and get, download (with progress), and delete."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint
 
-from functions.state import state
-from shared import models
+from functions import sse
+from functions.sse import Event
+from functions.state import FerryState, parse_body, state
+from shared import downloads, keys, liveness, models
+from shared.errors import Conflict, InvalidRequest
+from shared.models import ModelRecord, ModelState
+from shared.sources import check_url, file_name
 
 bp = Blueprint("models", __name__)
+log = logging.getLogger(__name__)
+
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+FINAL_DOWNLOAD_STATES = {"downloaded", "error", "cancelled"}
+
+
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    source_url: str
+    id: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    name: str = Field("", max_length=256)
+    description: str = Field("", max_length=2048)
+    parameters: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+
+    @field_validator("source_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_url(v)
 
 
 @bp.get("/models")
 async def list_models() -> Any:
     records = await models.all_models(state().redis)
-    return {"object": "list", "data": [r.public() for r in records]}
+    return {"object": "list", "data": [await _public(r) for r in records]}
 
 
-@bp.get("/models/<path:model_id>")
+@bp.get("/models/<model_id>")
 async def get_model(model_id: str) -> Any:
-    return (await models.get(state().redis, model_id)).public()
+    record = await models.get(state().redis, model_id)
+    out = await _public(record)
+    progress = await _progress_of(model_id)
+    if progress:
+        out["download"] = {k: _num(v) for k, v in progress.items()}
+    return out
+
+
+@bp.post("/models")
+async def download() -> Any:
+    req = await parse_body(DownloadRequest)
+    model_id = req.id or file_name(req.source_url).removesuffix(".gguf").lower()
+    if not MODEL_ID.match(model_id):
+        raise InvalidRequest("id must be lower-case letters, digits, '.', '_' or '-' "
+                             "(at most 128), starting with a letter or digit", param="id")
+    record = ModelRecord(
+        id=model_id, created=int(time.time()), source_url=req.source_url, state="downloading",
+        name=req.name, description=req.description, parameters=req.parameters,
+        settings=req.settings,
+    )
+    return await _start(record, req.sha256)
+
+
+@bp.get("/models/download/<model_id>")
+async def download_again(model_id: str) -> Any:
+    """Jan's form: (re)start the download of a model known by id (one with a source_url)."""
+    record = await models.get(state().redis, model_id)
+    stuck = record.state == "downloading" and downloads.stalled(await _progress_of(model_id))
+    if not (record.state == "error" or stuck) or not record.source_url:
+        raise Conflict(f"Model '{model_id}' is {record.state}; nothing to download")
+    await models.forget(state().redis, model_id)
+    return await _start(record.model_copy(update={"state": "downloading", "error": None}), None)
+
+
+@bp.get("/models/<model_id>/progress")
+async def progress(model_id: str) -> Any:
+    """The download's progress as Server-Sent Events, until it ends."""
+    redis = state().redis
+    await models.get(redis, model_id)
+
+    async def events() -> AsyncIterator[Event | None]:  # runs after the handler returned
+        while True:
+            now = {k: _num(v) for k, v in (await _progress_of(model_id, redis)).items()}
+            yield Event({"id": model_id, "object": "model.download", **now})
+            if now.get("state") in FINAL_DOWNLOAD_STATES:
+                return
+            await asyncio.sleep(downloads.PROGRESS_EVERY_S)
+
+    return await sse.respond_after_first(events(), state().settings.keepalive_s)
+
+
+@bp.delete("/models/<model_id>")
+async def delete(model_id: str) -> Any:
+    st = state()
+    record = await models.get(st.redis, model_id)
+    if record.state == "downloading" and not downloads.stalled(await _progress_of(model_id)):
+        await st.redis.set(keys.download_cancel(model_id), b"1", ex=3600)
+    elif await liveness.live_workers(st.redis, model_id):
+        raise Conflict(f"Model '{model_id}' is running; stop its workers first")
+    else:
+        folder = st.settings.models_path / model_id
+        downloaded_here = record.source_url is not None or (
+            record.path and Path(record.path).resolve().is_relative_to(folder.resolve()))
+        if downloaded_here:  # never remove files Ferry did not put there itself
+            shutil.rmtree(folder, ignore_errors=True)
+        await models.forget(st.redis, model_id)
+    return {"id": model_id, "object": "model", "deleted": True}
+
+
+async def _start(record: ModelRecord, sha256: str | None) -> Any:
+    st = state()
+    if not await models.claim(st.redis, record):
+        raise Conflict(f"Model '{record.id}' already exists or is downloading")
+    await st.redis.delete(keys.download_cancel(record.id), keys.download(record.id))
+    task = asyncio.create_task(_download(st, record, sha256))
+    st.downloads.add(task)
+    task.add_done_callback(st.downloads.discard)
+    return {"message": f"Starting download {record.id}", "id": record.id, "object": "model",
+            "state": "downloading"}
+
+
+async def _download(st: FerryState, record: ModelRecord, sha256: str | None) -> None:
+    try:
+        await downloads.run(st.redis, st.settings, record, sha256)
+    except downloads.Cancelled:
+        log.info("download of %s cancelled", record.id)
+    except Exception:
+        log.exception("download of %s failed", record.id)
+
+
+async def _public(record: ModelRecord) -> dict[str, Any]:
+    shown: ModelState | None = None
+    if record.state == "downloaded" and await liveness.live_workers(state().redis, record.id):
+        shown = "running"
+    return record.public(shown)
+
+
+async def _progress_of(model_id: str, redis: Any = None) -> dict[str, str]:
+    raw = await (redis or state().redis).hgetall(keys.download(model_id))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _num(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+

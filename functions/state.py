@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ class FerryState:
     settings: Settings
     redis: ArqRedis = field(init=False)
     tokenizers: dict[str, Any] = field(default_factory=dict)
+    downloads: set[asyncio.Task[None]] = field(default_factory=set)  # running in this process
 
 
 def state() -> FerryState:

@@ -5,6 +5,7 @@
     │   └── ContextLengthExceeded   400 invalid_request_error / context_length_exceeded
     ├── NotFound                    404 invalid_request_error
     ├── MethodNotAllowed            405 invalid_request_error
+    ├── Conflict                    409 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
     ├── QueueFull                   429 rate_limit_error (Retry-After)
     └── Unavailable                 503 service_unavailable (Retry-After)
@@ -65,6 +66,12 @@ class MethodNotAllowed(FerryError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class Conflict(FerryError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class PayloadTooLarge(FerryError):

@@ -12,6 +12,8 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:worker:{worker}``         the worker's heartbeat record (JSON), expires when it goes silent
 - ``ferry:model:{model}:workers``   set of worker ids that serve the model (stale ids pruned on read)
 - ``ferry:models``                  hash: model id -> model record (JSON)
+- ``ferry:download:{model}``        hash: a download's progress (bytes done/total, speed, state)
+- ``ferry:download:{model}:cancel`` present when the download should stop
 - ``ferry:seq``                     counter giving every stored object its place in listings
 - ``ferry:obj:{kind}:{id}``         a stored object (JSON): kind is assistant, thread or run
 - ``ferry:owner:{owner}:{kind}``    sorted set: the owner's objects of that kind, by creation order
@@ -29,6 +31,14 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 PREFIX = "ferry"
 
 MODELS = f"{PREFIX}:models"
+
+
+def download(model: str) -> str:
+    return f"{PREFIX}:download:{model}"
+
+
+def download_cancel(model: str) -> str:
+    return f"{PREFIX}:download:{model}:cancel"
 
 
 def queue(model: str) -> str:

@@ -1,8 +1,9 @@
 """Which models Ferry knows: resolving a model argument to a GGUF file, and the registry in Redis.
 
 A worker resolves its ``--model`` (a known id, an id under the models folder, or a path to a
-``.gguf``), loads it, and writes its record to ``keys.MODELS``; handlers read records from there,
-so every web process sees the same models whatever node they run on.
+``.gguf``), loads it, and adds its record to ``keys.MODELS`` unless one is there; downloads and
+imports write records too. Handlers read records from there, so every web process sees the same
+models whatever node they run on.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib.util
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -29,19 +30,49 @@ BUNDLED: dict[str, tuple[str, str, str | None]] = {
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
+ModelState = Literal["downloading", "downloaded", "running", "error"]
+
+
 class ModelRecord(BaseModel):
-    """A model as `/v1/models` lists it (OpenAI's fields first), plus where it lives."""
+    """A model with Jan's model.json fields (OpenAI's first), plus where its file lives."""
 
     id: str
     object: str = "model"
     created: int
     owned_by: str = "ferry"
-    path: str
+    name: str = ""
+    version: str = "1.0"
+    description: str = ""
+    format: str = "gguf"
+    source_url: str | None = None
+    settings: dict[str, Any] = {}  # ctx_len, prompt_template, load settings
+    parameters: dict[str, Any] = {}  # default sampling parameters
+    metadata: dict[str, Any] = {}  # author, tags, size, and what the GGUF header says
+    engine: str = "llama-cpp"
+    state: ModelState = "downloaded"
+    error: str | None = None
+    path: str = ""
     chat_format: str | None = None
     ctx_len: int | None = None
 
-    def public(self) -> dict[str, Any]:
-        return self.model_dump(include={"id", "object", "created", "owned_by", "ctx_len"})
+    def public(self, state: ModelState | None = None) -> dict[str, Any]:
+        out = self.model_dump(exclude={"path", "chat_format", "error"})
+        out["state"] = state or self.state
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def describe(self, header: dict[str, Any]) -> ModelRecord:
+        """Fill the record from what the GGUF header says (`shared.gguf_info.read`)."""
+        meta = {k: v for k, v in header.items() if k not in ("chat_template", "name")}
+        settings = {"ctx_len": header.get("context_length")}
+        if header.get("chat_template"):
+            settings["prompt_template"] = header["chat_template"]
+        return self.model_copy(update={
+            "name": self.name or header.get("name") or self.id,
+            "metadata": self.metadata | meta,
+            "settings": settings | self.settings,
+        })
 
 
 def model_id_from_path(path: Path) -> str:
@@ -71,6 +102,22 @@ def resolve(spec: str, models_dir: Path) -> ModelRecord:
 
 async def register(redis: Redis, record: ModelRecord) -> None:
     await redis.hset(keys.MODELS, record.id, record.model_dump_json())
+
+
+async def register_loaded(redis: Redis, record: ModelRecord) -> None:
+    """A worker's model: recorded as loaded, unless a download or import already describes it."""
+    raw = await redis.hget(keys.MODELS, record.id)
+    if raw is None or ModelRecord.model_validate_json(raw).source_url is None:
+        await register(redis, record)
+
+
+async def claim(redis: Redis, record: ModelRecord) -> bool:
+    """Register `record` only if the id is free (a download claims its id this way)."""
+    return bool(await redis.hsetnx(keys.MODELS, record.id, record.model_dump_json()))
+
+
+async def forget(redis: Redis, model: str) -> None:
+    await redis.hdel(keys.MODELS, model)
 
 
 async def get(redis: Redis, model: str) -> ModelRecord:

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         True, description="Keep logits for every token so requests can ask for logprobs"
     )
 
+    # Model downloads
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// sources")
+    s3_region: str = Field("us-east-1", description="S3 region")
+    download_retries: int = Field(5, ge=0, description="Resumes after a dropped download")
+
     # Queue and stream
     queue_limit: int = Field(64, ge=1, description="Jobs waiting per model before 429")
     worker_wait_s: float = Field(

@@ -76,7 +76,7 @@ def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = Fa
             stream_client=redis.Redis.from_url(url),
         )
         ctx["ferry"] = st
-        await models.register(st.redis, record)
+        await models.register_loaded(st.redis, record)
         await liveness.beat(st.redis, info, settings.heartbeat_ttl_s)
         ctx["heartbeat"] = asyncio.create_task(_heartbeat(st.redis, info, settings))
         log.info("worker %s serving %s from %s on %s", info.id, record.id, record.path, device)

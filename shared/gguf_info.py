@@ -1,0 +1,53 @@
+"""What a GGUF file says about itself, read from its header without loading the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidRequest
+
+MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == MAGIC
+
+
+def read(path: Path) -> dict[str, Any]:
+    """Architecture, parameter count, quantisation, context length, chat template, size.
+
+    Raises `InvalidRequest` when the file is not a GGUF.
+    """
+    if not is_gguf(path):
+        raise InvalidRequest(f"{path.name} is not a GGUF file", param="source_url",
+                             code="invalid_model_file")
+    import gguf  # a few hundred ms to import; only model imports and downloads need it
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError, struct.error, ... on a damaged file
+        raise InvalidRequest(f"{path.name} is not a readable GGUF file: {e}",
+                             param="source_url", code="invalid_model_file") from e
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    arch = field("general.architecture")
+    file_type = field("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type else None
+    except ValueError:
+        quant = None
+    return {
+        "architecture": arch,
+        "name": field("general.name"),
+        "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "size_label": field("general.size_label"),
+        "quantization": quant,
+        "context_length": field(f"{arch}.context_length") if arch else None,
+        "chat_template": field("tokenizer.chat_template"),
+        "size": path.stat().st_size,
+    }
