@@ -43,6 +43,18 @@ def parser() -> argparse.ArgumentParser:
     device = worker.add_mutually_exclusive_group()
     device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N")
     device.add_argument("--cpu", action="store_true", help="run without GPU offload")
+    models = sub.add_parser("models", help="the model registry: list, import, pull, rm")
+    verbs = models.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="every registered model and its state")
+    imp = verbs.add_parser("import", help="register a local .gguf")
+    imp.add_argument("path")
+    imp.add_argument("--id")
+    pull = verbs.add_parser("pull", help="download a model (https, http, s3, file)")
+    pull.add_argument("url")
+    pull.add_argument("--id")
+    pull.add_argument("--sha256")
+    rm = verbs.add_parser("rm", help="remove a stopped model and the files Ferry put there")
+    rm.add_argument("id")
     return p
 
 
@@ -58,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings, args.model or [settings.default_model])
     if args.command == "web":
         return _web(settings)
+    if args.command == "models":
+        from ferry.models_cli import main as models_main
+
+        return models_main(settings, args.verb, vars(args))
     from workers.main import build
 
     build(settings, args.model or settings.default_model, gpu=args.gpu, cpu=args.cpu).run()

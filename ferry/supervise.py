@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ferry.models_cli import URL_FILE
 from ferry.redis_server import EmbeddedRedis
 from shared.settings import Settings
 
@@ -59,6 +60,7 @@ def serve(settings: Settings, models: list[str]) -> int:
     if settings.redis_url is None:
         redis_server = EmbeddedRedis(settings.data_dir / "redis", persist=True)
         env["REDIS_URL"] = redis_server.start()
+        (redis_server.data_dir / URL_FILE).write_text(env["REDIS_URL"])  # for `ferry models`
         log.info("embedded Redis at %s (data in %s)", env["REDIS_URL"], redis_server.data_dir)
     ferry = [sys.executable, "-m", "ferry"]
     children = [

@@ -9,7 +9,17 @@ from quart import Quart
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from functions import assistants, completions, conversations, health, models, runs, threads, tokenize
+from functions import (
+    assistants,
+    completions,
+    conversations,
+    health,
+    models,
+    runs,
+    status,
+    threads,
+    tokenize,
+)
 from functions.state import LOCAL_USER, FerryState
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
@@ -43,7 +53,7 @@ def create_app(settings: Settings) -> Quart:
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
-                   conversations.bp):
+                   conversations.bp, status.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)

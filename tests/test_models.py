@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from ferry.redis_server import free_port
-from tests.conftest import Proc, smollm_path, start_worker
+from tests.conftest import ROOT, Proc, smollm_path, start_worker
 from tests.fileserver import FileServer
 from tests.test_bad_input import error_of
 from tests.test_queue import sse_events
@@ -205,3 +206,58 @@ def test_s3_download(env: dict[str, str], s3: str, tmp_path: Path) -> None:
         web.stop()
 
 
+
+
+def test_models_command_line(env: dict[str, str], files: FileServer, tmp_path: Path) -> None:
+    def ferry(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ferry", "models", *args], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    local = tmp_path / "My-Model.gguf"
+    local.symlink_to(smollm_path())
+    imported = ferry("import", str(local))
+    assert imported.returncode == 0, imported.stderr
+    assert "imported my-model (llama, Q4_1)" in imported.stdout
+    pulled = ferry("pull", files.add("pulled.gguf", smollm_path()), "--id", "cli-pulled")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "100.0%" in pulled.stderr  # the progress bar reached the end
+    listing = ferry("list").stdout
+    assert "my-model" in listing and "cli-pulled" in listing
+    assert ferry("rm", "cli-pulled").returncode == 0
+    assert ferry("rm", "my-model").returncode == 0
+    assert local.exists()  # the user's own file is never removed
+    after = ferry("list").stdout
+    assert "my-model" not in after and "cli-pulled" not in after
+    assert ferry("rm", "my-model").returncode == 1
+
+
+def test_two_models_on_two_workers_at_once(base_url: str, env: dict[str, str],
+                                           tmp_path: Path) -> None:
+    gemma = start_worker(env, "gemma3-270m-it", tmp_path / "gemma.log", timeout_s=120)
+    spans: dict[str, tuple[float, float, str]] = {}
+
+    def chat(model: str) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": "Count to twenty."}],
+                "max_tokens": 16, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body,
+                          timeout=60) as r:
+            assert r.status_code == 200
+            stamps, text = [], ""
+            for _, data in sse_events(r.iter_lines()):
+                if data != "[DONE]":
+                    stamps.append(time.monotonic())
+                    text += orjson.loads(data)["choices"][0]["delta"].get("content") or ""
+        spans[model] = (stamps[0], stamps[-1], text)
+
+    try:
+        threads = [threading.Thread(target=chat, args=(m,))
+                   for m in ("smollm2-135m-instruct", "gemma3-270m-it")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gemma.stop()
+    (a0, a1, a_text), (b0, b1, b_text) = spans.values()
+    assert a_text and b_text and a_text != b_text
+    assert a0 < b1 and b0 < a1  # both were generating at the same time, each on its worker

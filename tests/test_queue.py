@@ -210,3 +210,15 @@ def test_health(http: httpx.Client) -> None:
     assert body["persistence"] in ("aof", "rdb", "aof+rdb", "off", "unknown")
     assert ("warning" in body) == (body["persistence"] == "off")
 
+
+
+def test_status_shows_models_and_workers(http: httpx.Client) -> None:
+    for prefix in ("/v1", "/api/v1"):
+        body = http.get(f"{prefix}/status").json()
+        assert body["api_gateway"] == "healthy" and body["database"]["status"] == "healthy"
+        model = body["inference_model"][SMOLLM]
+        assert model["status"] == "healthy" and model["state"] == "running"
+        assert model["queue_depth"] >= 0 and model["workers"]
+        worker = next(w for w in body["workers"] if w["id"] == model["workers"][0])
+        assert worker["model"] == SMOLLM and worker["memory_total"] > worker["memory_free"] > 0
+        assert worker["beat_at"] > time.time() - 10
