@@ -1,5 +1,5 @@
 # `make run` and `make test` install what is missing into .venv first.
-# llama-cpp-python compiles from source once (about 11 minutes on 2 cores); pip's wheel cache
+# llama-cpp-python compiles from source once (11-20 minutes on 2 cores); pip's wheel cache
 # keeps the build, so later installs on the same machine take seconds.
 
 VENV ?= .venv
