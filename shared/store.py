@@ -101,14 +101,18 @@ async def page(
     }
 
 
-async def list_owned(redis: Redis, cls: type[Stored], owner: str, **paging: Any) -> dict[str, Any]:
-    kind = KIND[cls]
+def _objects(redis: Redis, cls: type[Stored]) -> Callable[[list[str]], Any]:
+    """A `page` loader for objects stored under ``keys.obj``."""
 
     async def load(ids: list[str]) -> list[dict[str, Any]]:
-        raws = await redis.mget([keys.obj(kind, i) for i in ids]) if ids else []
+        raws = await redis.mget([keys.obj(KIND[cls], i) for i in ids]) if ids else []
         return [cls.model_validate_json(r).public() for r in raws if r is not None]
 
-    return await page(redis, keys.owned(owner, kind), load, **paging)
+    return load
+
+
+async def list_owned(redis: Redis, cls: type[Stored], owner: str, **paging: Any) -> dict[str, Any]:
+    return await page(redis, keys.owned(owner, KIND[cls]), _objects(redis, cls), **paging)
 
 
 # Messages
@@ -165,11 +169,7 @@ async def create_run(redis: Redis, run: Run) -> None:
 
 
 async def list_runs(redis: Redis, thread: Thread, **paging: Any) -> dict[str, Any]:
-    async def load(ids: list[str]) -> list[dict[str, Any]]:
-        raws = await redis.mget([keys.obj("run", i) for i in ids]) if ids else []
-        return [Run.model_validate_json(r).public() for r in raws if r is not None]
-
-    return await page(redis, keys.thread_runs(thread.id), load, **paging)
+    return await page(redis, keys.thread_runs(thread.id), _objects(redis, Run), **paging)
 
 
 async def update_run(redis: Redis, run_id: str, **changes: Any) -> Run | None:
