@@ -56,9 +56,9 @@ async def list_models() -> Any:
 async def get_model(model_id: str) -> Any:
     record = await models.get(state().redis, model_id)
     out = await _public(record)
-    progress = await _progress_of(model_id)
+    progress = await _progress_of(state().redis, model_id)
     if progress:
-        out["download"] = {k: _num(v) for k, v in progress.items()}
+        out["download"] = progress
     return out
 
 
@@ -81,7 +81,7 @@ async def download() -> Any:
 async def download_again(model_id: str) -> Any:
     """Jan's form: (re)start the download of a model known by id (one with a source_url)."""
     record = await models.get(state().redis, model_id)
-    stuck = record.state == "downloading" and downloads.stalled(await _progress_of(model_id))
+    stuck = record.state == "downloading" and downloads.stalled(await _progress_of(state().redis, model_id))
     if not (record.state == "error" or stuck) or not record.source_url:
         raise Conflict(f"Model '{model_id}' is {record.state}; nothing to download")
     await models.forget(state().redis, model_id)
@@ -96,7 +96,7 @@ async def progress(model_id: str) -> Any:
 
     async def events() -> AsyncIterator[Event | None]:  # runs after the handler returned
         while True:
-            now = {k: _num(v) for k, v in (await _progress_of(model_id, redis)).items()}
+            now = await _progress_of(redis, model_id)
             yield Event({"id": model_id, "object": "model.download", **now})
             if now.get("state") in FINAL_DOWNLOAD_STATES:
                 return
@@ -109,7 +109,7 @@ async def progress(model_id: str) -> Any:
 async def delete(model_id: str) -> Any:
     st = state()
     record = await models.get(st.redis, model_id)
-    if record.state == "downloading" and not downloads.stalled(await _progress_of(model_id)):
+    if record.state == "downloading" and not downloads.stalled(await _progress_of(st.redis, model_id)):
         await st.redis.set(keys.download_cancel(model_id), b"1", ex=3600)
     elif await liveness.live_workers(st.redis, model_id):
         raise Conflict(f"Model '{model_id}' is running; stop its workers first")
@@ -151,11 +151,8 @@ async def _public(record: ModelRecord) -> dict[str, Any]:
     return record.public(shown)
 
 
-async def _progress_of(model_id: str, redis: Any = None) -> dict[str, str]:
-    raw = await (redis or state().redis).hgetall(keys.download(model_id))
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def _num(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+async def _progress_of(redis: Any, model_id: str) -> dict[str, int | str]:
+    """A download's progress, numbers as numbers; {} when there is none."""
+    raw = await redis.hgetall(keys.download(model_id))
+    return {k.decode(): int(v) if v.isdigit() else v.decode() for k, v in raw.items()}
 

@@ -118,8 +118,8 @@ async def _progress(redis: Redis, model: str, **fields: str | int) -> None:
         await pipe.execute()
 
 
-def stalled(progress: dict[str, str]) -> bool:
-    updated = int(progress.get("updated", "0"))
+def stalled(progress: dict[str, int | str]) -> bool:
+    updated = int(progress.get("updated", 0))
     return time.time() - updated > STALLED_S
 
 
