@@ -28,22 +28,24 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="web + one worker per model (+ a private Redis)")
+    serve = sub.add_parser("serve", help="web + a worker holding the models (+ a private Redis)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--model", action="append", metavar="ID_OR_PATH",
-                       help="model to serve (repeatable; default: FERRY_DEFAULT_MODEL)")
+                       help="model to load at start (repeatable; default: FERRY_DEFAULT_MODEL)")
 
     web = sub.add_parser("web", help="the HTTP API (needs REDIS_URL)")
     web.add_argument("--host")
     web.add_argument("--port", type=int)
 
-    worker = sub.add_parser("worker", help="a worker serving one model (needs REDIS_URL)")
-    worker.add_argument("--model", metavar="ID_OR_PATH")
+    worker = sub.add_parser("worker", help="a worker for one device; loads models on command "
+                                           "(needs REDIS_URL)")
+    worker.add_argument("--model", action="append", metavar="ID_OR_PATH",
+                        help="model to load at start (repeatable; default: none)")
     device = worker.add_mutually_exclusive_group()
     device.add_argument("--gpu", type=int, metavar="N", help="pin to GPU N")
     device.add_argument("--cpu", action="store_true", help="run without GPU offload")
-    models = sub.add_parser("models", help="the model registry: list, import, pull, rm")
+    models = sub.add_parser("models", help="the model registry: list, import, pull, start, stop, rm")
     verbs = models.add_subparsers(dest="verb", required=True)
     verbs.add_parser("list", help="every registered model and its state")
     imp = verbs.add_parser("import", help="register a local .gguf")
@@ -53,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     pull.add_argument("url")
     pull.add_argument("--id")
     pull.add_argument("--sha256")
+    for verb, what in (("start", "load a model on a worker"), ("stop", "unload it everywhere")):
+        verbs.add_parser(verb, help=what).add_argument("id")
     rm = verbs.add_parser("rm", help="remove a stopped model and the files Ferry put there")
     rm.add_argument("id")
     return p
@@ -74,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         from ferry.models_cli import main as models_main
 
         return models_main(settings, args.verb, vars(args))
-    from workers.main import build
+    from workers.main import run
 
-    build(settings, args.model or settings.default_model, gpu=args.gpu, cpu=args.cpu).run()
+    run(settings, args.model or [], gpu=args.gpu, cpu=args.cpu)
     return 0
 
 

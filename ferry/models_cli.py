@@ -1,4 +1,4 @@
-"""`ferry models list | import | pull | rm`: the model registry from a terminal."""
+"""`ferry models list | import | pull | start | stop | rm`: the model registry from a terminal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from shared import downloads, gguf_info, liveness, models
+from shared import control, downloads, gguf_info, models
 from shared.errors import FerryError
 from shared.models import ModelRecord, model_id_from_path
 from shared.settings import Settings
@@ -40,8 +40,7 @@ async def _run(settings: Settings, command: str, args: dict[str, str | None]) ->
     try:
         if command == "list":
             for r in await models.all_models(redis):
-                live = await liveness.live_workers(redis, r.id)
-                state = "running" if live and r.state == "downloaded" else r.state
+                state = await models.current_state(redis, r)
                 size = r.metadata.get("size", 0) / 1e6
                 print(f"{r.id:<32} {state:<12} {size:>9.1f} MB  {r.path or r.source_url or ''}")
         elif command == "import":
@@ -51,20 +50,15 @@ async def _run(settings: Settings, command: str, args: dict[str, str | None]) ->
         elif command == "pull":
             return await _pull(redis, settings, args["url"] or "", args.get("id"),
                                args.get("sha256"))
+        elif command == "start":
+            worker = await control.start(redis, settings, args["id"] or "")
+            print(f"{args['id']} running on worker {worker.id} ({worker.host}, {worker.device})")
+        elif command == "stop":
+            await control.stop(redis, settings, args["id"] or "")
+            print(f"{args['id']} stopped")
         elif command == "rm":
-            model = args["id"] or ""
-            record = await models.get(redis, model)
-            if await liveness.live_workers(redis, model):
-                print(f"error: {model} is running; stop its workers first", file=sys.stderr)
-                return 1
-            link = settings.models_path / model
-            if link.is_dir() and (record.source_url or link.is_symlink() or
-                                  any(p.is_symlink() for p in link.iterdir())):
-                for p in link.iterdir():
-                    p.unlink()
-                link.rmdir()
-            await models.forget(redis, model)
-            print(f"removed {model}")
+            await control.delete(redis, settings, args["id"] or "")
+            print(f"removed {args['id']}")
         return 0
     finally:
         await redis.aclose()

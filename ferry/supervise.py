@@ -1,4 +1,4 @@
-"""`ferry serve`: one web process, one worker per model, and a private Redis when none is set.
+"""`ferry serve`: one web process, one worker, and a private Redis when none is set.
 
 Children run in their own sessions, so Ctrl-C reaches only the supervisor, which stops them in
 order (web and workers first, Redis last). A child that dies is restarted. Each child also gets
@@ -63,9 +63,11 @@ def serve(settings: Settings, models: list[str]) -> int:
         (redis_server.data_dir / URL_FILE).write_text(env["REDIS_URL"])  # for `ferry models`
         log.info("embedded Redis at %s (data in %s)", env["REDIS_URL"], redis_server.data_dir)
     ferry = [sys.executable, "-m", "ferry"]
+    preload = [arg for m in models for arg in ("--model", m)]
     children = [
-        Child(f"worker[{m}]", [*ferry, "worker", "--model", m], env) for m in models
-    ] + [Child("web", [*ferry, "web", "--host", settings.host, "--port", str(settings.port)], env)]
+        Child("worker", [*ferry, "worker", *preload], env),
+        Child("web", [*ferry, "web", "--host", settings.host, "--port", str(settings.port)], env),
+    ]
 
     stopping = False
 

@@ -49,7 +49,8 @@ async def resume(job_id: str) -> Response:
 
 async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
     st = state()
-    model = await models.get(st.redis, req.model or st.settings.default_model)
+    model = await models.get_or_bundled(st.redis, req.model or st.settings.default_model,
+                                       st.settings.models_path)
     job = req.to_job(model.id)
     if isinstance(req, ChatCompletionRequest) and req.conversation:
         thread = await record_turn(req.conversation, req)

@@ -16,7 +16,7 @@ from types import TracebackType
 from arq.connections import ArqRedis
 from pydantic import BaseModel
 
-from shared import keys, liveness
+from shared import control, keys, liveness
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
 from shared.jobs import Delta, Error, Final, GenerationJob, decode, encode
 from shared.settings import Settings
@@ -42,7 +42,7 @@ async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: S
     queue = keys.queue(job.model)
     if await redis.zcard(queue) >= settings.queue_limit:
         raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
-    await wait_for_worker(redis, job.model, settings.worker_wait_s)
+    await wait_for_worker(redis, job.model, settings)
     await redis.enqueue_job(GENERATE, job=job.model_dump(), _job_id=job.id, _queue_name=queue)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(
@@ -56,9 +56,14 @@ async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: S
         await pipe.execute()
 
 
-async def wait_for_worker(redis: ArqRedis, model: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
+async def wait_for_worker(redis: ArqRedis, model: str, settings: Settings) -> None:
+    """Return once a worker holds `model`: starting it on one when allowed (``auto_start``),
+    else waiting up to ``worker_wait_s`` for one (a worker restarting, say)."""
+    deadline = time.monotonic() + settings.worker_wait_s
     while not await liveness.live_workers(redis, model):
+        if settings.auto_start and await liveness.all_workers(redis):
+            await control.start(redis, settings, model)
+            return
         if time.monotonic() >= deadline:
             raise NoWorker(f"No worker is serving model '{model}' right now; retry shortly")
         await asyncio.sleep(0.1)

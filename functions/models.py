@@ -1,14 +1,12 @@
-"""`/models`: list and get, download (with progress), and delete."""
+"""`/models`: list and get, download (with progress), start and stop on workers, and delete."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,9 +15,9 @@ from quart import Blueprint
 from functions import sse
 from functions.sse import Event
 from functions.state import FerryState, parse_body, state
-from shared import downloads, keys, liveness, models
+from shared import control, downloads, keys, models
 from shared.errors import Conflict, InvalidRequest
-from shared.models import ModelRecord, ModelState
+from shared.models import ModelRecord
 from shared.sources import check_url, file_name
 
 bp = Blueprint("models", __name__)
@@ -105,21 +103,31 @@ async def progress(model_id: str) -> Any:
     return await sse.respond_after_first(events(), state().settings.keepalive_s)
 
 
+@bp.put("/models/<model_id>/start")
+async def start(model_id: str) -> Any:
+    """Load the model on a worker (placed by memory, evicting idle models if need be)."""
+    st = state()
+    worker = await control.start(st.redis, st.settings, model_id)
+    return {"id": model_id, "object": "model", "state": "running",
+            "worker": {"id": worker.id, "host": worker.host, "device": worker.device}}
+
+
+@bp.put("/models/<model_id>/stop")
+async def stop(model_id: str) -> Any:
+    st = state()
+    await control.stop(st.redis, st.settings, model_id)
+    return {"id": model_id, "object": "model", "state": "stopped"}
+
+
 @bp.delete("/models/<model_id>")
 async def delete(model_id: str) -> Any:
+    """Cancel a running download, or stop the model and remove it with its files."""
     st = state()
     record = await models.get(st.redis, model_id)
     if record.state == "downloading" and not downloads.stalled(await _progress_of(st.redis, model_id)):
         await st.redis.set(keys.download_cancel(model_id), b"1", ex=3600)
-    elif await liveness.live_workers(st.redis, model_id):
-        raise Conflict(f"Model '{model_id}' is running; stop its workers first")
     else:
-        folder = st.settings.models_path / model_id
-        downloaded_here = record.source_url is not None or (
-            record.path and Path(record.path).resolve().is_relative_to(folder.resolve()))
-        if downloaded_here:  # never remove files Ferry did not put there itself
-            shutil.rmtree(folder, ignore_errors=True)
-        await models.forget(st.redis, model_id)
+        await control.delete(st.redis, st.settings, model_id)
     return {"id": model_id, "object": "model", "deleted": True}
 
 
@@ -145,10 +153,7 @@ async def _download(st: FerryState, record: ModelRecord, sha256: str | None) -> 
 
 
 async def _public(record: ModelRecord) -> dict[str, Any]:
-    shown: ModelState | None = None
-    if record.state == "downloaded" and await liveness.live_workers(state().redis, record.id):
-        shown = "running"
-    return record.public(shown)
+    return record.public(await models.current_state(state().redis, record))
 
 
 async def _progress_of(redis: Any, model_id: str) -> dict[str, int | str]:

@@ -22,21 +22,20 @@ async def status() -> Any:
     except (RedisError, OSError) as e:
         return {"api_gateway": "healthy",
                 "database": {"status": "unavailable", "error": str(e)}}, 503
+    workers = await liveness.all_workers(redis)
     inference: dict[str, Any] = {}
-    workers: list[dict[str, Any]] = []
     for record in await models.all_models(redis):
-        live = await liveness.live_workers(redis, record.id)
-        workers += [w.model_dump() for w in live]
+        holders = [w.id for w in workers if record.id in w.model_ids]
         inference[record.id] = {
-            "status": "healthy" if live else "unavailable",
-            "state": "running" if live else record.state,
-            "workers": [w.id for w in live],
+            "status": "healthy" if holders else "unavailable",
+            "state": await models.current_state(redis, record),
+            "workers": holders,
             "queue_depth": await redis.zcard(keys.queue(record.id)),
         }
     return {
         "api_gateway": "healthy",
         "database": {"status": "healthy", "persistence": await persistence(redis)},
         "inference_model": inference,
-        "workers": workers,
+        "workers": [w.model_dump() for w in workers],
         "external_apis": {},  # Ferry calls none
     }

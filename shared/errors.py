@@ -87,6 +87,14 @@ class QueueFull(FerryError):
     retry_after = 1
 
 
+class InsufficientMemory(FerryError):
+    """The model needs more memory than any worker has, even with every other model unloaded."""
+
+    status = 507
+    type = "insufficient_storage"
+    default_code = "model_too_large"
+
+
 class Unavailable(FerryError):
     status = 503
     type = "service_unavailable"
@@ -110,8 +118,10 @@ _BY_CODE: dict[str, type[FerryError]] = {
 _BY_STATUS: dict[int, type[FerryError]] = {
     400: InvalidRequest,
     404: NotFound,
+    409: Conflict,
     429: QueueFull,
     503: Unavailable,
+    507: InsufficientMemory,
 }
 
 

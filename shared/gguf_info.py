@@ -50,4 +50,20 @@ def read(path: Path) -> dict[str, Any]:
         "context_length": field(f"{arch}.context_length") if arch else None,
         "chat_template": field("tokenizer.chat_template"),
         "size": path.stat().st_size,
+        "kv_bytes_per_token": _kv_bytes_per_token(field, arch) if arch else None,
+        "vocab_size": len(tokens.data) if (tokens := reader.fields.get("tokenizer.ggml.tokens")) else None,
     }
+
+
+def _kv_bytes_per_token(field: Any, arch: str) -> int | None:
+    """Bytes of f16 K and V cache one token of context takes, over every layer."""
+    n_layer, n_embd = field(f"{arch}.block_count"), field(f"{arch}.embedding_length")
+    n_head = field(f"{arch}.attention.head_count")
+    if not (n_layer and n_embd and n_head):
+        return None
+    n_head_kv = field(f"{arch}.attention.head_count_kv") or n_head
+    heads = sum(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv * n_layer
+    head_k = field(f"{arch}.attention.key_length") or n_embd // (
+        max(n_head) if isinstance(n_head, list) else n_head)
+    head_v = field(f"{arch}.attention.value_length") or head_k
+    return int(heads * (head_k + head_v) * 2)

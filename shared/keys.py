@@ -10,7 +10,11 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:job:{job}:worker``        id of the worker running the job (set when it starts)
 - ``ferry:job:{job}:cancel``        present when the client went away; the worker stops
 - ``ferry:worker:{worker}``         the worker's heartbeat record (JSON), expires when it goes silent
+- ``ferry:workers``                 set of every worker id (stale ids pruned on read)
+- ``ferry:control:{worker}``        list of commands for one worker (load / unload a model)
+- ``ferry:reply:{id}``              list a command's answer is pushed to
 - ``ferry:model:{model}:workers``   set of worker ids that serve the model (stale ids pruned on read)
+- ``ferry:model:{model}:starting``  present while a start of the model is under way (one at a time)
 - ``ferry:models``                  hash: model id -> model record (JSON)
 - ``ferry:download:{model}``        hash: a download's progress (bytes done/total, speed, state)
 - ``ferry:download:{model}:cancel`` present when the download should stop
@@ -69,8 +73,23 @@ def worker(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+WORKERS = f"{PREFIX}:workers"
+
+
+def control(worker_id: str) -> str:
+    return f"{PREFIX}:control:{worker_id}"
+
+
+def reply(reply_id: str) -> str:
+    return f"{PREFIX}:reply:{reply_id}"
+
+
 def model_workers(model: str) -> str:
     return f"{PREFIX}:model:{model}:workers"
+
+
+def model_starting(model: str) -> str:
+    return f"{PREFIX}:model:{model}:starting"
 
 
 SEQ = f"{PREFIX}:seq"

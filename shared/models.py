@@ -8,6 +8,7 @@ models whatever node they run on.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 import time
@@ -19,7 +20,7 @@ import orjson
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from shared import keys
+from shared import gguf_info, keys, liveness
 from shared.errors import NotFound
 
 
@@ -53,7 +54,9 @@ BUNDLED: dict[str, tuple[Callable[[Path], Path], str | None]] = {
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
 
-ModelState = Literal["downloading", "downloaded", "running", "error"]
+ModelState = Literal["downloading", "downloaded", "loading", "running", "stopped", "error"]
+
+COMPUTE_OVERHEAD = 64 * 1024 * 1024  # llama.cpp's compute buffers and the like, roughly
 
 
 class ModelRecord(BaseModel):
@@ -98,25 +101,40 @@ class ModelRecord(BaseModel):
         })
 
 
+def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, logits_all: bool) -> int:
+    """Memory a loaded model takes, estimated: weights + KV cache + logits + compute buffers.
+
+    llama-cpp-python keeps a float32 row of logits per token of context when every token's logits
+    are kept (for logprobs), else one per batch slot.
+    """
+    meta = record.metadata
+    size = meta.get("size") or (Path(record.path).stat().st_size if record.path else 0)
+    kv = (meta.get("kv_bytes_per_token") or 0) * ctx_len
+    logits = (ctx_len if logits_all else n_batch) * (meta.get("vocab_size") or 0) * 4
+    return int(size + kv + logits + COMPUTE_OVERHEAD)
+
+
 def model_id_from_path(path: Path) -> str:
     stem = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.")
     return stem or "model"
 
 
 def resolve(spec: str, models_dir: Path) -> ModelRecord:
-    """Turn a ``--model`` argument into a record (not yet registered)."""
+    """Turn a ``--model`` argument into a record (not yet registered), described from its header."""
     now = int(time.time())
+    record = None
     if spec in BUNDLED:
         locate, chat_format = BUNDLED[spec]
         path = locate(models_dir)
-        return ModelRecord(id=spec, created=now, path=str(path), chat_format=chat_format)
-    if _ID.match(spec) and (models_dir / spec).is_dir():
+        record = ModelRecord(id=spec, created=now, path=str(path), chat_format=chat_format)
+    elif _ID.match(spec) and (models_dir / spec).is_dir():
         ggufs = sorted((models_dir / spec).glob("*.gguf"))
         if ggufs:
-            return ModelRecord(id=spec, created=now, path=str(ggufs[0]))
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return ModelRecord(id=model_id_from_path(path), created=now, path=str(path.resolve()))
+            record = ModelRecord(id=spec, created=now, path=str(ggufs[0]))
+    elif (path := Path(spec).expanduser()).suffix == ".gguf" and path.is_file():
+        record = ModelRecord(id=model_id_from_path(path), created=now, path=str(path.resolve()))
+    if record is not None:
+        return record.describe(gguf_info.read(Path(record.path)))
     raise NotFound(f"no model {spec!r}: not a bundled id, a folder in {models_dir}, or a .gguf file")
 
 
@@ -136,6 +154,11 @@ async def claim(redis: Redis, record: ModelRecord) -> bool:
     return bool(await redis.hsetnx(keys.MODELS, record.id, record.model_dump_json()))
 
 
+async def set_state(redis: Redis, model: str, state: ModelState) -> None:
+    record = await get(redis, model)
+    await register(redis, record.model_copy(update={"state": state}))
+
+
 async def forget(redis: Redis, model: str) -> None:
     await redis.hdel(keys.MODELS, model)
 
@@ -145,6 +168,28 @@ async def get(redis: Redis, model: str) -> ModelRecord:
     if raw is None:
         raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
     return ModelRecord.model_validate_json(raw)
+
+
+async def get_or_bundled(redis: Redis, model: str, models_dir: Path) -> ModelRecord:
+    """A registered model, or a bundled one registered on first use (so it can be started)."""
+    try:
+        return await get(redis, model)
+    except NotFound:
+        if model not in BUNDLED:
+            raise
+    record = await asyncio.to_thread(resolve, model, models_dir)
+    await claim(redis, record)
+    return await get(redis, model)
+
+
+async def current_state(redis: Redis, record: ModelRecord) -> ModelState:
+    """The stored state, or `running` / `loading` for a model on (or on its way to) a worker."""
+    if record.state in ("downloaded", "stopped"):
+        if await liveness.live_workers(redis, record.id):
+            return "running"
+        if await redis.exists(keys.model_starting(record.id)):
+            return "loading"
+    return record.state
 
 
 async def all_models(redis: Redis) -> list[ModelRecord]:

@@ -44,6 +44,19 @@ class Settings(BaseSettings):
         True, description="Keep logits for every token so requests can ask for logprobs"
     )
 
+    # Where models run
+    auto_start: bool = Field(
+        True, description="A request for a downloaded model no worker holds loads it first"
+    )
+    load_timeout_s: float = Field(120.0, gt=0, description="Longest a model start may take")
+    max_loaded_models: int = Field(3, ge=1, description="Models one worker holds at once")
+    worker_memory: int | None = Field(
+        None, ge=0, description="Bytes a worker may fill with models (unset: GPU or host memory)"
+    )
+    keep_alive_s: float = Field(
+        0.0, ge=0, description="Unload a model idle this long (0: keep it loaded)"
+    )
+
     # Model downloads
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// sources")
     s3_region: str = Field("us-east-1", description="S3 region")

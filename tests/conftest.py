@@ -48,6 +48,8 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
         "REDIS_URL": redis_url,
         "FERRY_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "FERRY_WORKER_WAIT_S": "1",
+        # Each test's worker serves its own model; test_lifecycle turns auto-start back on.
+        "FERRY_AUTO_START": "0",
         "FERRY_HEARTBEAT_S": "0.5",
         "FERRY_HEARTBEAT_TTL_S": "1.5",
         "FERRY_CTX_LEN": "2048",
@@ -83,16 +85,18 @@ class Proc:
         self._out.close()
 
 
-def start_worker(env: dict[str, str], model: str, log: Path, timeout_s: float = 60) -> Proc:
-    """Start `ferry worker --model MODEL` and wait until its heartbeat is in Redis."""
-    proc = Proc(["worker", "--model", model], env, log)
+def start_worker(env: dict[str, str], model: str | None, log: Path, timeout_s: float = 60,
+                 args: tuple[str, ...] = ()) -> Proc:
+    """Start `ferry worker [--model MODEL]`; wait until its heartbeat shows the model loaded."""
+    proc = Proc(["worker", *(["--model", model] if model else []), *args], env, log)
     r = redis.Redis.from_url(env["REDIS_URL"])
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             assert proc.p.poll() is None, f"worker exited: {log.read_text()[-2000:]}"
             beats = [r.get(k) for k in r.scan_iter("ferry:worker:*")]
-            if any(b and orjson.loads(b)["pid"] == proc.p.pid for b in beats):
+            mine = [w for b in beats if b and (w := orjson.loads(b))["pid"] == proc.p.pid]
+            if mine and (mine[0]["models"] or not model):
                 return proc
             time.sleep(0.1)
     finally:
@@ -108,22 +112,26 @@ def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Ite
     proc.stop()
 
 
-@pytest.fixture(scope="session")
-def base_url(env: dict[str, str], worker: Proc, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[str]:
+def start_web(env: dict[str, str], log: Path) -> tuple[Proc, str]:
+    """Start `ferry web` on a free port; wait until it answers /health."""
     port = free_port()
-    web = Proc(["web", "--port", str(port)], env, tmp_path_factory.mktemp("logs") / "web.log")
+    web = Proc(["web", "--port", str(port)], env, log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+            if httpx.get(f"{url}/health", timeout=1).status_code in (200, 503):
+                return web, url
         except httpx.TransportError:
             time.sleep(0.1)
-    else:
-        web.stop()
-        raise TimeoutError(f"web did not come up: {web.log.read_text()[-2000:]}")
+    web.stop()
+    raise TimeoutError(f"web did not come up: {web.log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def base_url(env: dict[str, str], worker: Proc, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[str]:
+    web, url = start_web(env, tmp_path_factory.mktemp("logs") / "web.log")
     yield url
     web.stop()
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any, cast
 
 import jinja2
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_chat_format, llama_grammar
 
@@ -61,7 +62,9 @@ class Engine:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def load(cls, record: ModelRecord, settings: Settings, gpu: bool) -> Engine:
+    def load(cls, record: ModelRecord, settings: Settings, gpu: bool, one_gpu: bool) -> Engine:
+        """`one_gpu`: the process is pinned to one GPU, so keep llama.cpp from splitting layers."""
+        split = {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": 0} if one_gpu else {}
         llm = Llama(
             model_path=record.path,
             n_ctx=settings.ctx_len,
@@ -70,6 +73,7 @@ class Engine:
             n_gpu_layers=settings.n_gpu_layers if gpu else 0,
             logits_all=settings.logprobs,
             verbose=False,
+            **split,  # type: ignore[arg-type]
         )
         return cls(llm, record)
 

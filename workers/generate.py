@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     gen = GenerationJob.model_validate(job)
     async with st.redis.pipeline(transaction=False) as pipe:
         pipe.exists(keys.job_cancel(gen.id))
-        pipe.set(keys.job_worker(gen.id), st.info.id, ex=int(st.settings.job_timeout_s) + 60)
+        pipe.set(keys.job_worker(gen.id), st.worker_id, ex=int(st.settings.job_timeout_s) + 60)
         cancelled_while_queued = (await pipe.execute())[0]
     out = Publisher(st.stream_client, gen.id, st.settings.stream_ttl_s)
     answer = _Answer(out, hold_final=gen.reply is not None)
@@ -45,7 +46,7 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
 
 
 async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[str, Any]:
-    st.info.jobs_in_flight += 1
+    st.usage.jobs_in_flight += 1
     try:
         if await st.engine.run(job, answer.emit):
             return "cancelled", CANCELLED
@@ -56,7 +57,8 @@ async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[st
         log.exception("job %s failed", job.id)
         return "failed", Error(status=500, message="Generation failed on the worker")
     finally:
-        st.info.jobs_in_flight -= 1
+        st.usage.jobs_in_flight -= 1
+        st.usage.last_used = time.time()
 
 
 class _Answer:

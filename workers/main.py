@@ -1,4 +1,10 @@
-"""A long-lived arq worker serving one model on one device (a GPU or the CPU)."""
+"""A long-lived worker process: one device (a GPU or the CPU) and the models loaded on it.
+
+It registers with a heartbeat, loads the models it was started with, then takes commands from
+its control list (``keys.control``): load a model (unloading the ones a handler chose to evict)
+or unload one. Each loaded model is a `Slot` consuming that model's queue. With ``keep_alive_s``
+set, a model left idle that long is unloaded on its own.
+"""
 
 from __future__ import annotations
 
@@ -6,111 +12,196 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
-from arq import Worker
-from arq.worker import func
+from arq.connections import ArqRedis, create_pool
 
 from shared import keys, liveness, models
-from shared.liveness import WorkerInfo
+from shared.control import Answer, Command
+from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable
+from shared.liveness import Loaded, WorkerInfo
+from shared.models import ModelRecord
 from shared.redis import deserialize, redis_settings, serialize
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from workers.slot import Slot
+
 log = logging.getLogger(__name__)
 
-WAKE_WAIT_S = 0.5  # longest an idle worker sleeps without a wake-up (arq's own poll delay)
+CONTROL_WAIT_S = 1  # longest the control loop blocks before looking for idle models
 
 
-class FerryWorker(Worker):
-    """arq's worker, woken at once by a push on its model's wake list.
+class WorkerProcess:
+    def __init__(self, settings: Settings, gpu: int | None = None, cpu: bool = False) -> None:
+        if settings.redis_url is None:
+            raise SystemExit("REDIS_URL is not set: `ferry worker` needs a Redis (or `ferry serve`)")
+        self.settings = settings
+        self.url: str = settings.redis_url
+        self.gpu, self.cpu = gpu, cpu
+        device = "cpu" if cpu else f"gpu:{gpu}" if gpu is not None else "auto"
+        self.info = WorkerInfo(
+            id=uuid.uuid4().hex[:12], pid=os.getpid(), device=device,
+            capacity=settings.worker_memory or _device_memory(gpu, cpu),
+            max_models=settings.max_loaded_models,
+        )
+        self.slots: dict[str, Slot] = {}
 
-    arq sleeps `poll_delay` between looks at the queue; a handler pushes to ``keys.wake(model)``
-    right after enqueueing, and an idle worker blocks on that list instead of sleeping, so a new
-    job starts within a Redis round trip rather than up to half a second later.
-    """
+    def run(self, preload: list[str]) -> None:
+        asyncio.run(self._main(preload))
 
-    def __init__(self, *, wake_key: str, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, **kwargs)
-        self.wake_key = wake_key
-        self._job_done = asyncio.Event()
+    async def _main(self, preload: list[str]) -> None:
+        self.redis: ArqRedis = await create_pool(
+            redis_settings(self.url), job_serializer=serialize, job_deserializer=deserialize)
+        self.stream_client = redis.Redis.from_url(self.url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await liveness.beat(self.redis, self.info, self.settings.heartbeat_ttl_s)
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            for spec in preload:
+                await self.load(spec)
+            log.info("worker %s on %s ready: %s (capacity %d MiB, at most %d models)",
+                     self.info.id, self.info.device, self.info.model_ids or "no models yet",
+                     self.info.capacity >> 20, self.info.max_models)
+            control = asyncio.create_task(self._control())
+            await asyncio.wait([control, asyncio.create_task(stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control
+        finally:
+            for model in list(self.slots):
+                await self.unload(model)
+            heartbeat.cancel()
+            await liveness.leave(self.redis, self.info)
+            await self.redis.aclose()
+            self.stream_client.close()
 
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
-        self._job_done.set()
+    async def load(self, spec: str, evict: Sequence[str] = ()) -> str:
+        """Load a model (an id, or a path for the command line); returns its id."""
+        from workers.engine import Engine
+        from workers.slot import Slot
+        from workers.state import WorkerState
 
-    async def _poll_iteration(self) -> None:
-        await super()._poll_iteration()
-        if self.job_counter < self.max_jobs:
-            # Redis >= 6 takes fractional seconds; redis-py's hints say int.
-            await self.pool.blpop([self.wake_key], timeout=WAKE_WAIT_S)  # type: ignore[arg-type]
+        for model in evict:
+            await self.unload(model)
+        record = await self._resolve(spec)
+        if record.id in self.slots:
+            return record.id
+        need = models.need_bytes(record, self.settings.ctx_len, self.settings.n_batch,
+                                 self.settings.logprobs)
+        if need > self.info.capacity:
+            raise InsufficientMemory(f"Model '{record.id}' needs about {need >> 20} MiB; this "
+                                     f"worker has {self.info.capacity >> 20} MiB")
+        if len(self.slots) >= self.info.max_models or self.info.used + need > self.info.capacity:
+            raise Unavailable(f"No room for '{record.id}' on worker {self.info.id}",
+                              code="workers_busy")
+        log.info("loading %s from %s", record.id, record.path)
+        engine = await asyncio.to_thread(Engine.load, record, self.settings, not self.cpu,
+                                         self.gpu is not None)
+        record.ctx_len = engine.n_ctx
+        usage = Loaded(id=record.id, need=need, last_used=time.time())
+        self.slots[record.id] = Slot(WorkerState(
+            settings=self.settings, redis=self.redis, engine=engine,
+            stream_client=self.stream_client, worker_id=self.info.id, usage=usage,
+        ), self.url)
+        self.info.models.append(usage)
+        await models.register_loaded(self.redis, record)
+        await liveness.beat(self.redis, self.info, self.settings.heartbeat_ttl_s)
+        log.info("serving %s (about %d MiB)", record.id, need >> 20)
+        return record.id
+
+    async def unload(self, model: str) -> None:
+        slot = self.slots.pop(model, None)
+        if slot is None:
             return
-        # Busy: sleep until a job ends rather than spin, which would steal the CPU and the GIL
-        # from the generation thread.
-        self._job_done.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._job_done.wait(), WAKE_WAIT_S)
+        await liveness.drop(self.redis, self.info, model, self.settings.heartbeat_ttl_s)
+        await slot.close()
+        log.info("unloaded %s", model)
+
+    async def _resolve(self, spec: str) -> ModelRecord:
+        """A bundled id, a folder under the models folder, a .gguf path, or a registered model."""
+        try:
+            return await asyncio.to_thread(models.resolve, spec, self.settings.models_path)
+        except NotFound:
+            record = await models.get(self.redis, spec)
+            if not record.path or not Path(record.path).is_file():
+                raise NotFound(f"Model '{spec}' has no file on worker {self.info.id}") from None
+            return record
+
+    async def _control(self) -> None:
+        while True:
+            try:
+                got = await self.redis.blpop([keys.control(self.info.id)], timeout=CONTROL_WAIT_S)
+            except (redis.RedisError, OSError):  # Redis restarting: the models keep their slots
+                log.warning("control list unreachable; retrying", exc_info=True)
+                await asyncio.sleep(CONTROL_WAIT_S)
+                continue
+            if got is not None:
+                await self._obey(Command.model_validate_json(got[1]))
+            elif self.settings.keep_alive_s:
+                await self._unload_idle()
+            for slot in self.slots.values():
+                slot.revive()
+
+    async def _obey(self, command: Command) -> None:
+        try:
+            if command.op == "load":
+                await self.load(command.model, command.evict)
+            else:
+                await self.unload(command.model)
+            answer = Answer(ok=True)
+        except FerryError as e:
+            answer = Answer(ok=False, status=e.status, message=e.message, code=e.code)
+        except Exception as e:  # a model llama.cpp cannot load, say: tell the caller, keep serving
+            log.exception("%s %s failed", command.op, command.model)
+            answer = Answer(ok=False, status=500, message=f"{command.op} failed: {e}")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(command.reply_to, answer.model_dump_json())
+            pipe.expire(command.reply_to, 60)
+            await pipe.execute()
+
+    async def _unload_idle(self) -> None:
+        now = time.time()
+        for usage in list(self.info.models):
+            idle = usage.jobs_in_flight == 0 and now - usage.last_used > self.settings.keep_alive_s
+            if idle and not await self.redis.zcard(keys.queue(usage.id)):
+                log.info("%s idle for %.0fs; unloading it", usage.id, now - usage.last_used)
+                await self.unload(usage.id)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await liveness.beat(self.redis, self.info, self.settings.heartbeat_ttl_s)
+            except Exception:  # a blip in Redis must not kill the worker; the next beat retries
+                log.warning("heartbeat failed", exc_info=True)
 
 
-def build(settings: Settings, model: str, gpu: int | None = None, cpu: bool = False) -> FerryWorker:
-    """A worker for `model`; ``gpu=N`` pins it to GPU N, ``cpu`` keeps every layer on the CPU."""
+def _device_memory(gpu: int | None, cpu: bool) -> int:
+    """Total bytes of the GPU (from nvidia-smi) or, on the CPU, of the host."""
+    if not cpu and (smi := shutil.which("nvidia-smi")):
+        with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
+            out = subprocess.run(
+                [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                 "-i", str(gpu or 0)], capture_output=True, text=True, timeout=10, check=True)
+            return int(out.stdout.split()[0]) * 2**20
+    return liveness.host_memory()[0]
+
+
+def run(settings: Settings, models_to_load: list[str], gpu: int | None, cpu: bool) -> None:
     if gpu is not None:
         # Must happen before llama.cpp initialises CUDA, i.e. before the engine is imported.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    url = settings.redis_url
-    if url is None:
-        raise SystemExit("REDIS_URL is not set: `ferry worker` needs a Redis (or use `ferry serve`)")
-    record = models.resolve(model, settings.models_path)
-    device = "cpu" if cpu else f"gpu:{gpu}" if gpu is not None else "auto"
-    info = WorkerInfo(id=uuid.uuid4().hex[:12], pid=os.getpid(), device=device, model=record.id)
-
-    async def startup(ctx: dict[str, Any]) -> None:
-        from workers.engine import Engine
-        from workers.state import WorkerState
-
-        engine = await asyncio.to_thread(Engine.load, record, settings, not cpu)
-        record.ctx_len = engine.n_ctx
-        st = WorkerState(
-            settings=settings, redis=ctx["redis"], engine=engine, info=info,
-            stream_client=redis.Redis.from_url(url),
-        )
-        ctx["ferry"] = st
-        await models.register_loaded(st.redis, record)
-        await liveness.beat(st.redis, info, settings.heartbeat_ttl_s)
-        ctx["heartbeat"] = asyncio.create_task(_heartbeat(st.redis, info, settings))
-        log.info("worker %s serving %s from %s on %s", info.id, record.id, record.path, device)
-
-    async def shutdown(ctx: dict[str, Any]) -> None:
-        if "heartbeat" in ctx:
-            ctx["heartbeat"].cancel()
-        if "ferry" in ctx:
-            await liveness.leave(ctx["redis"], info)
-            ctx["ferry"].engine.close()
-            ctx["ferry"].stream_client.close()
-
-    from workers.generate import generate
-
-    return FerryWorker(
-        wake_key=keys.wake(record.id),
-        functions=[func(generate, name="generate", max_tries=1)],
-        queue_name=keys.queue(record.id),
-        redis_settings=redis_settings(url),
-        on_startup=startup,
-        on_shutdown=shutdown,
-        max_jobs=1,  # the engine runs one generation at a time; idle peers take the rest
-        job_timeout=settings.job_timeout_s,
-        keep_result=60,
-        job_serializer=serialize,
-        job_deserializer=deserialize,
-        handle_signals=True,
-    )
-
-
-async def _heartbeat(redis: Any, info: WorkerInfo, settings: Settings) -> None:
-    while True:
-        try:
-            await liveness.beat(redis, info, settings.heartbeat_ttl_s)
-        except Exception:  # a blip in Redis must not kill the worker; the next beat retries
-            log.warning("heartbeat failed", exc_info=True)
-        await asyncio.sleep(settings.heartbeat_s)
+    WorkerProcess(settings, gpu, cpu).run(models_to_load)

@@ -1,4 +1,4 @@
-"""What a worker process holds for its lifetime, built once in arq's `on_startup`."""
+"""What one loaded model's job function needs, built when the model loads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from shared.liveness import WorkerInfo
+from shared.liveness import Loaded
 from shared.settings import Settings
 from workers.engine import Engine
 
@@ -18,4 +18,5 @@ class WorkerState:
     redis: Redis
     engine: Engine
     stream_client: SyncRedis  # blocking client the engine thread publishes with
-    info: WorkerInfo
+    worker_id: str
+    usage: Loaded  # this model's entry in the worker's heartbeat: jobs in flight, last use
