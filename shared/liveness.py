@@ -6,7 +6,7 @@ import socket
 import time
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 from redis.asyncio import Redis
 
 from shared import keys
@@ -37,10 +37,12 @@ class WorkerInfo(BaseModel):
     def model_ids(self) -> list[str]:
         return [m.id for m in self.models]
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def used(self) -> int:
         return sum(m.need for m in self.models)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def jobs_in_flight(self) -> int:
         return sum(m.jobs_in_flight for m in self.models)
