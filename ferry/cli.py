@@ -59,7 +59,31 @@ def parser() -> argparse.ArgumentParser:
         verbs.add_parser(verb, help=what).add_argument("id")
     rm = verbs.add_parser("rm", help="remove a stopped model and the files Ferry put there")
     rm.add_argument("id")
+    accounts = sub.add_parser("users", help="server-mode users: create, token")
+    user_verbs = accounts.add_subparsers(dest="verb", required=True)
+    create = user_verbs.add_parser("create", help="a new user")
+    create.add_argument("name")
+    create.add_argument("--email")
+    create.add_argument("--admin", action="store_true", help="may download, start, stop models")
+    user_verbs.add_parser("token", help="print a JWT and refresh token for a user").add_argument(
+        "name")
+    api_keys = sub.add_parser("keys", help="server-mode API keys: create")
+    key_verbs = api_keys.add_subparsers(dest="verb", required=True)
+    new_key = key_verbs.add_parser("create", help="a new API key (printed once)")
+    new_key.add_argument("--user", required=True)
+    new_key.add_argument("--permissions", default="read,write", help="read, write or read,write")
+    new_key.add_argument("--name", dest="key_name", default="cli")
     return p
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse to expose an unauthenticated API beyond this machine, or auth with no secret."""
+    if settings.auth and settings.jwt_secret is None:
+        raise SystemExit("FERRY_AUTH=on needs FERRY_JWT_SECRET (a long random string)")
+    loopback = settings.host in ("127.0.0.1", "::1", "localhost") or settings.host.startswith("127.")
+    if not settings.auth and not loopback and not settings.allow_insecure:
+        raise SystemExit(f"Refusing to serve {settings.host} without authentication: set "
+                         "FERRY_AUTH=on (and FERRY_JWT_SECRET), or FERRY_ALLOW_INSECURE=1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     settings = Settings(**overrides)
 
+    if args.command in ("serve", "web"):
+        check_bind(settings)
     if args.command == "serve":
         from ferry.supervise import serve
 
@@ -78,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from ferry.models_cli import main as models_main
 
         return models_main(settings, args.verb, vars(args))
+    if args.command in ("users", "keys"):
+        from ferry.users_cli import main as users_main
+
+        return users_main(settings, f"{args.command} {args.verb}", vars(args))
     from workers.main import run
 
     run(settings, args.model or [], gpu=args.gpu, cpu=args.cpu)

@@ -11,14 +11,19 @@ from werkzeug.exceptions import HTTPException
 
 from functions import (
     assistants,
+    auth,
     completions,
     conversations,
+    cors,
     health,
+    metrics,
     models,
+    ratelimit,
     runs,
     status,
     threads,
     tokenize,
+    users,
 )
 from functions.state import LOCAL_USER, FerryState
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
@@ -53,10 +58,22 @@ def create_app(settings: Settings) -> Quart:
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
-                   conversations.bp, status.bp):
+                   conversations.bp, status.bp, users.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+
+    @app.before_request
+    async def who_is_calling() -> None:
+        try:
+            await auth.authenticate()
+        finally:
+            await ratelimit.apply()
+
+    app.after_request(ratelimit.add_headers)
+    app.after_request(metrics.count)
+    app.after_request(cors.add_headers)
 
     app.register_error_handler(FerryError, _render)
     app.register_error_handler(HTTPException, _http_error)

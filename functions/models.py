@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint
 
 from functions import sse
+from functions.auth import require_admin
 from functions.sse import Event
 from functions.state import FerryState, parse_body, state
 from shared import control, downloads, keys, models
@@ -62,6 +63,7 @@ async def get_model(model_id: str) -> Any:
 
 @bp.post("/models")
 async def download() -> Any:
+    require_admin()
     req = await parse_body(DownloadRequest)
     model_id = req.id or file_name(req.source_url).removesuffix(".gguf").lower()
     if not MODEL_ID.match(model_id):
@@ -78,6 +80,7 @@ async def download() -> Any:
 @bp.get("/models/download/<model_id>")
 async def download_again(model_id: str) -> Any:
     """Jan's form: (re)start the download of a model known by id (one with a source_url)."""
+    require_admin()
     record = await models.get(state().redis, model_id)
     stuck = record.state == "downloading" and downloads.stalled(await _progress_of(state().redis, model_id))
     if not (record.state == "error" or stuck) or not record.source_url:
@@ -106,6 +109,7 @@ async def progress(model_id: str) -> Any:
 @bp.put("/models/<model_id>/start")
 async def start(model_id: str) -> Any:
     """Load the model on a worker (placed by memory, evicting idle models if need be)."""
+    require_admin()
     st = state()
     worker = await control.start(st.redis, st.settings, model_id)
     return {"id": model_id, "object": "model", "state": "running",
@@ -114,6 +118,7 @@ async def start(model_id: str) -> Any:
 
 @bp.put("/models/<model_id>/stop")
 async def stop(model_id: str) -> Any:
+    require_admin()
     st = state()
     await control.stop(st.redis, st.settings, model_id)
     return {"id": model_id, "object": "model", "state": "stopped"}
@@ -122,6 +127,7 @@ async def stop(model_id: str) -> Any:
 @bp.delete("/models/<model_id>")
 async def delete(model_id: str) -> Any:
     """Cancel a running download, or stop the model and remove it with its files."""
+    require_admin()
     st = state()
     record = await models.get(st.redis, model_id)
     if record.state == "downloading" and not downloads.stalled(await _progress_of(st.redis, model_id)):

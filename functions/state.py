@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 from quart import current_app, request
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, Unauthorized
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -57,7 +57,12 @@ def parse_query(model: type[M]) -> M:
 
 def caller() -> str:
     """Who is asking: the owner recorded on what they store. One local user while auth is off."""
-    return LOCAL_USER
+    from functions.auth import identity
+
+    who = identity()
+    if who is None:
+        raise Unauthorized("This endpoint needs a bearer token")
+    return who.user_id
 
 
 def invalid(e: ValidationError) -> InvalidRequest:

@@ -56,6 +56,24 @@ class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
 
 
+class Unauthorized(FerryError):
+    """No credentials, or ones that are malformed, expired, wrongly signed or revoked."""
+
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer realm="ferry", error="invalid_token", '
+                                    f'error_description="{self.message}"'}
+
+
+class Forbidden(FerryError):
+    status = 403
+    type = "permission_error"
+    default_code = "insufficient_permissions"
+
+
 class NotFound(FerryError):
     status = 404
     type = "invalid_request_error"
@@ -93,6 +111,19 @@ class InsufficientMemory(FerryError):
     status = 507
     type = "insufficient_storage"
     default_code = "model_too_large"
+
+
+class RateLimited(FerryError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(FerryError):

@@ -25,6 +25,16 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:thread:{id}:order``       sorted set: message id -> its place in the thread (total order)
 - ``ferry:thread:{id}:seq``         counter behind that order
 - ``ferry:thread:{id}:runs``        sorted set: the thread's runs, by creation order
+- ``ferry:user:{id}``               a user (JSON)
+- ``ferry:username:{name}``         the id of the user with that name
+- ``ferry:user:{id}:keys``          hash: API key id -> SHA-256 of its secret
+- ``ferry:apikey:{sha256}``         an API key's record (JSON), found by its secret's hash
+- ``ferry:refresh:{sha256}``        a refresh token (by hash) -> user id; deleted when redeemed
+- ``ferry:rate:{scope}:{who}:{n}``  requests counted in fixed window n of a rate limit
+- ``ferry:metrics:requests``        hash: "method, route, status" -> requests served
+- ``ferry:metrics:jobs``            hash: "model, outcome" -> jobs
+- ``ferry:metrics:tokens``          hash: model -> completion tokens generated
+- ``ferry:metrics:{kind}:{model}``  hash: a histogram's cumulative buckets, "+Inf" and "sum"
 - ``arq:job:{job}``, ``arq:in-progress:{job}``, ``arq:result:{job}``  arq's own, named here for cleanup
 """
 
@@ -117,6 +127,39 @@ def thread_seq(thread_id: str) -> str:
 
 def thread_runs(thread_id: str) -> str:
     return f"{PREFIX}:thread:{thread_id}:runs"
+
+
+def user(user_id: str) -> str:
+    return f"{PREFIX}:user:{user_id}"
+
+
+def user_by_name(name: str) -> str:
+    return f"{PREFIX}:username:{name}"
+
+
+def user_keys(user_id: str) -> str:
+    return f"{PREFIX}:user:{user_id}:keys"
+
+
+def api_key(digest: str) -> str:
+    return f"{PREFIX}:apikey:{digest}"
+
+
+def refresh_token(digest: str) -> str:
+    return f"{PREFIX}:refresh:{digest}"
+
+
+def rate(scope: str, who: str, window: int) -> str:
+    return f"{PREFIX}:rate:{scope}:{who}:{window}"
+
+
+METRICS_REQUESTS = f"{PREFIX}:metrics:requests"
+METRICS_JOBS = f"{PREFIX}:metrics:jobs"
+METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
+
+
+def metrics_histogram(kind: str, model: str) -> str:
+    return f"{PREFIX}:metrics:{kind}:{model}"
 
 
 def arq_job_keys(job_id: str) -> list[str]:

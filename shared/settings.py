@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,6 +34,25 @@ class Settings(BaseSettings):
     port: int = Field(1337, description="Port `ferry serve` / `ferry web` binds")
     max_body_bytes: int = Field(2 * 1024 * 1024, description="Largest request body (413 above)")
     max_message_chars: int = Field(256_000, ge=1, description="Longest stored message (400 above)")
+
+    # Server mode: users, tokens, rate limits
+    auth: bool = Field(False, description="on: every request needs a JWT or API key (Jan Server)")
+    allow_insecure: bool = Field(
+        False, description="Allow binding a non-loopback address with auth off"
+    )
+    jwt_secret: SecretStr | None = Field(None, description="HMAC secret signing Ferry's JWTs")
+    jwt_issuer: str = Field("ferry", description="JWT issuer (iss), checked on every token")
+    jwt_audience: str = Field("ferry-api", description="JWT audience (aud), checked too")
+    access_token_ttl_s: int = Field(3600, ge=60, description="Lifetime of an access JWT")
+    refresh_token_ttl_s: int = Field(30 * 86400, ge=60, description="Lifetime of a refresh token")
+    rate_limit_user_per_hour: int = Field(1000, ge=0, description="Requests per user (0: none)")
+    rate_limit_ip_per_hour: int = Field(
+        100, ge=0, description="Unauthenticated requests per IP (0: none)"
+    )
+    rate_limit_inference_per_minute: int = Field(
+        60, ge=0, description="Completions and runs per user (0: none)"
+    )
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, or *")
 
     # Model loading (Jan's defaults)
     ctx_len: int = Field(4096, ge=64, description="Context length per model")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shared import keys, store
+from shared import keys, metrics, store
 from shared.errors import FerryError
 from shared.jobs import Delta, Error, Final, GenerationJob
 from workers.publish import Publisher
@@ -42,7 +42,24 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     if last is not None:
         await asyncio.to_thread(out.send, [last])
     log.info("job %s %s", gen.id, outcome)
+    await _record(st, gen, ctx, outcome, answer)
     return outcome
+
+
+async def _record(st: WorkerState, job: GenerationJob, ctx: dict[str, Any], outcome: str,
+                  answer: _Answer) -> None:
+    """The job's figures for /metrics; a failure here never fails the job."""
+    enqueued = ctx.get("enqueue_time")
+    first = answer.first_token_at
+    try:
+        await metrics.record_job(
+            st.redis, job.model, outcome,
+            answer.final.usage.completion_tokens if answer.final else 0,
+            first - enqueued.timestamp() if first and enqueued else None,
+            time.time() - first if first else None,
+        )
+    except Exception:
+        log.warning("could not record metrics for job %s", job.id, exc_info=True)
 
 
 async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[str, Any]:
@@ -69,13 +86,18 @@ class _Answer:
         self.hold_final = hold_final
         self.parts: list[str] = []
         self.final: Final | None = None
+        self.first_token_at: float | None = None  # unix time
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
     def emit(self, messages: Sequence[Delta | Final]) -> bool:
+        if self.first_token_at is None and isinstance(messages[0], Delta):
+            self.first_token_at = time.time()
         self.parts.extend(m.text for m in messages if isinstance(m, Delta) and m.index == 0)
-        if self.hold_final and isinstance(messages[-1], Final):
-            self.final, messages = messages[-1], messages[:-1]
+        if isinstance(messages[-1], Final):
+            self.final = messages[-1]
+            if self.hold_final:
+                messages = messages[:-1]
         return self.out.send(messages)
