@@ -50,7 +50,7 @@ async def authenticate() -> None:
         return
     if request.method == "OPTIONS" or any(request.path.startswith(p) for p in PUBLIC):
         return  # a CORS preflight carries no credentials
-    token = _bearer()
+    token = bearer()
     if token is None:
         raise Unauthorized("Missing bearer token: send 'Authorization: Bearer <token>'")
     who = await _resolve(token, st.settings)
@@ -73,7 +73,8 @@ def issue_access_token(settings: Settings, user_id: str) -> tuple[str, int]:
     return jwt.encode(claims, _secret(settings), algorithm="HS256"), settings.access_token_ttl_s
 
 
-def _bearer() -> str | None:
+def bearer() -> str | None:
+    """The token in ``Authorization: Bearer …``; None without the header, 401 when malformed."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
@@ -89,21 +90,22 @@ async def _resolve(token: str, settings: Settings) -> Identity:
         key = await users.key_for(redis, token)
         if key is None:
             raise Unauthorized("Invalid or revoked API key")
-        user = await users.get_user(redis, key.user_id)
-        return Identity(user.id, frozenset(key.permissions), user.admin, "api_key")
+        user_id, permissions, via = key.user_id, frozenset(key.permissions), "api_key"
+    else:
+        try:
+            claims = jwt.decode(token, _secret(settings), algorithms=["HS256"],
+                                audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+                                options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("The token has expired; refresh it") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("Invalid token") from None
+        user_id, permissions, via = claims["sub"], frozenset({"read", "write"}), "jwt"
     try:
-        claims = jwt.decode(token, _secret(settings), algorithms=["HS256"],
-                            audience=settings.jwt_audience, issuer=settings.jwt_issuer,
-                            options={"require": ["exp", "iat", "sub", "iss", "aud"]})
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("The token has expired; refresh it") from None
-    except jwt.InvalidTokenError:
-        raise Unauthorized("Invalid token") from None
-    try:
-        user = await users.get_user(redis, claims["sub"])
-    except NotFound:
+        user = await users.get_user(redis, user_id)
+    except NotFound:  # deleted since the token or key was issued
         raise Unauthorized("The token's user no longer exists") from None
-    return Identity(user.id, frozenset({"read", "write"}), user.admin, "jwt")
+    return Identity(user.id, permissions, user.admin, via)
 
 
 def _secret(settings: Settings) -> str:

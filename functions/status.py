@@ -28,7 +28,7 @@ async def status() -> Any:
         holders = [w.id for w in workers if record.id in w.model_ids]
         inference[record.id] = {
             "status": "healthy" if holders else "unavailable",
-            "state": await models.current_state(redis, record),
+            "state": "running" if holders else await models.current_state(redis, record),
             "workers": holders,
             "queue_depth": await redis.zcard(keys.queue(record.id)),
         }

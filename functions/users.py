@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, request
 
-from functions.auth import issue_access_token
+from functions.auth import bearer, issue_access_token
 from functions.state import caller, parse_body, state
 from shared import users
 from shared.errors import InvalidRequest, Unauthorized
@@ -43,8 +43,7 @@ async def refresh() -> Any:
         raise InvalidRequest("Authentication is off: there are no tokens to refresh")
     body = await parse_body(RefreshRequest) if await request.get_data() else RefreshRequest(
         refresh_token=None)
-    header = request.headers.get("Authorization", "")
-    token = body.refresh_token or (header[7:].strip() if header[:7].lower() == "bearer " else "")
+    token = body.refresh_token or bearer()
     if not token:
         raise Unauthorized("Send the refresh token as 'refresh_token' or as the bearer")
     return await tokens_for(await users.redeem_refresh(state().redis, token))
