@@ -6,6 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# llama.cpp builds for the host CPU (-march=native). Where a VM's CPU reports AMX, its AMX matmul
+# kernels crash on the first decode (SIGSEGV in ggml_backend_amx_mul_mat, seen on Xeon VMs), so
+# they are left out; AVX-512 and VNNI stay. CMake reads these at llama.cpp's first configure.
+ifeq ($(shell uname -m),x86_64)
+export CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CXXFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 
 .PHONY: install run test bench lint
 

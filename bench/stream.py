@@ -5,7 +5,10 @@ one generation at a time; at concurrency C, C clients submit at once and wait th
 alternate between the two sides so drift on a busy machine hits both alike. Prints TTFT p50/p95,
 per-stream decode tokens/s, and aggregate tokens/s, with Ferry/in-process ratios.
 
-    python bench/stream.py [--tokens 64] [--requests 8] [--levels 1 4 8]
+    python bench/stream.py [--tokens 64] [--requests 8] [--levels 1 4 8] [--gpu N]
+
+With --gpu N both sides offload every layer to GPU N alone (the worker gets `--gpu N`);
+without it both run on the CPU.
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ def pct(values: list[float], q: float) -> float:
 # In-process: one Llama, one generation at a time, as a single-model server would hold it.
 
 class InProcess:
-    def __init__(self, settings: Settings) -> None:
-        from llama_cpp import Llama
+    def __init__(self, settings: Settings, gpu: int | None) -> None:
+        import llama_cpp
 
+        # The same placement as a worker pinned with --gpu N (workers/engine.py), or none.
+        device = ({"n_gpu_layers": settings.n_gpu_layers, "main_gpu": gpu,
+                   "split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE} if gpu is not None
+                  else {"n_gpu_layers": 0})
         path = resolve(MODEL, settings.models_path).path
-        self.llm = Llama(model_path=path, n_ctx=settings.ctx_len, n_batch=settings.n_batch,
-                         n_threads=settings.n_threads, logits_all=settings.logprobs, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=path, n_ctx=settings.ctx_len, n_batch=settings.n_batch,
+            n_threads=settings.n_threads, logits_all=settings.logprobs, verbose=False,
+            **device)  # type: ignore[arg-type]
         self.lock = threading.Lock()
         self.no_eos = {self.llm.token_eos(): float("-inf")}
 
@@ -113,10 +122,12 @@ def _sample(submitted: float, stamps: list[float]) -> Sample:
     return Sample(stamps[0] - submitted, decode, len(stamps))
 
 
-def start_ferry(env: dict[str, str], port: int, logs: Path) -> list[subprocess.Popen[bytes]]:
+def start_ferry(env: dict[str, str], port: int, logs: Path, gpu: int | None
+                ) -> list[subprocess.Popen[bytes]]:
     ferry = [sys.executable, "-m", "ferry"]
+    device = ["--gpu", str(gpu)] if gpu is not None else ["--cpu"]
     procs = [
-        subprocess.Popen([*ferry, "worker", "--model", MODEL], env=env, cwd=ROOT,
+        subprocess.Popen([*ferry, "worker", "--model", MODEL, *device], env=env, cwd=ROOT,
                          stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
         subprocess.Popen([*ferry, "web", "--port", str(port)], env=env, cwd=ROOT,
                          stdout=(logs / "web.log").open("wb"), stderr=subprocess.STDOUT),
@@ -142,8 +153,8 @@ async def measure(args: argparse.Namespace, inproc: InProcess, ferry: Ferry) -> 
             for name, side in (("in-process", inproc), ("ferry", ferry)):
                 results.setdefault((name, level), []).append(await side.run(level, args.tokens))
 
-    print(f"\n{args.tokens} tokens per stream, {args.requests} streams per level, "
-          f"threads={inproc.llm.n_threads}\n")
+    device = f"GPU {args.gpu}" if args.gpu is not None else f"CPU, threads={inproc.llm.n_threads}"
+    print(f"\n{args.tokens} tokens per stream, {args.requests} streams per level, {device}\n")
     head = (f"{'conc':>4} {'side':<11} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} "
             f"{'stream tok/s':>13} {'aggregate tok/s':>16}")
     print(head)
@@ -171,6 +182,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--gpu", type=int, metavar="N", help="offload to GPU N (both sides)")
     args = p.parse_args()
 
     with TemporaryDirectory() as tmp:
@@ -182,9 +194,9 @@ def main() -> None:
             env["REDIS_URL"] = redis.start()
         settings = Settings(_env_file=None, ctx_len=2048)
         port = free_port()
-        procs = start_ferry(env, port, logs)
+        procs = start_ferry(env, port, logs, args.gpu)
         try:
-            inproc = InProcess(settings)
+            inproc = InProcess(settings, args.gpu)
             asyncio.run(measure(args, inproc, Ferry(f"http://127.0.0.1:{port}")))
         finally:
             for proc in procs:

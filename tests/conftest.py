@@ -2,11 +2,13 @@
 
 A Redis is started on a free port unless REDIS_URL is set. Processes are started once per session
 and shared; tests that kill a worker start their own, serving the same GGUF under another id.
+FERRY_TEST_WORKER_ARGS adds arguments to every worker the tests start (`--gpu 0` runs them on a GPU).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,6 +90,7 @@ class Proc:
 def start_worker(env: dict[str, str], model: str | None, log: Path, timeout_s: float = 60,
                  args: tuple[str, ...] = ()) -> Proc:
     """Start `ferry worker [--model MODEL]`; wait until its heartbeat shows the model loaded."""
+    args = (*shlex.split(os.environ.get("FERRY_TEST_WORKER_ARGS", "")), *args)
     proc = Proc(["worker", *(["--model", model] if model else []), *args], env, log)
     r = redis.Redis.from_url(env["REDIS_URL"])
     deadline = time.monotonic() + timeout_s

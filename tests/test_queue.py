@@ -12,7 +12,7 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import SMOLLM, smollm_path, start_worker
+from tests.conftest import SMOLLM, Proc, smollm_path, start_worker
 
 LONG = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -150,6 +150,13 @@ def victim(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield "victim", link
 
 
+def kill_once_running(rds: redis.Redis, worker: Proc) -> None:
+    deadline = time.monotonic() + 10
+    while not next(rds.scan_iter("arq:in-progress:*"), None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+
+
 def test_killed_worker_ends_streams_and_the_next_worker_serves(
     base_url: str, env: dict[str, str], victim: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -183,9 +190,13 @@ def test_killed_worker_ends_streams_and_the_next_worker_serves(
                            json={**body, "stream": False, "max_tokens": 3})
             assert ok.status_code == 200, ok.text
 
-            # A non-streaming client whose worker dies gets 503 with Retry-After.
-            threading.Timer(1.0, worker.kill).start()
-            lost = http.post("/v1/chat/completions", json={**body, "stream": False})
+            # A non-streaming client whose worker dies mid-job gets 503 with Retry-After. The
+            # kill waits for the job to start, however fast the device generates.
+            rds = redis.Redis.from_url(env["REDIS_URL"])
+            threading.Thread(target=kill_once_running, args=(rds, worker)).start()
+            lost = http.post("/v1/chat/completions",
+                             json={**body, "stream": False, "max_tokens": 1500})
+            rds.close()
             assert lost.status_code == 503 and lost.headers["Retry-After"]
             assert lost.json()["error"]["code"] == "worker_lost"
     finally:

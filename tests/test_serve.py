@@ -83,7 +83,12 @@ def test_serve_restarts_a_dead_worker_and_stops_cleanly(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, "the dead worker was not restarted"
             time.sleep(0.2)
-        wait_healthy(url)
+        # The dead worker's heartbeat outlives it by up to its TTL, so /health alone could still
+        # be answering for it: wait until the new worker itself holds the model.
+        while not any(w["pid"] == new[0] and w["models"] for w in
+                      httpx.get(f"{url}/v1/status", timeout=5).json()["workers"]):
+            assert time.monotonic() < deadline, "the new worker never loaded the model"
+            time.sleep(0.2)
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200, r.text
 
