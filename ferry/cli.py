@@ -78,8 +78,16 @@ def parser() -> argparse.ArgumentParser:
 
 def check_bind(settings: Settings) -> None:
     """Refuse to expose an unauthenticated API beyond this machine, or auth with no secret."""
-    if settings.auth and settings.jwt_secret is None:
-        raise SystemExit("FERRY_AUTH=on needs FERRY_JWT_SECRET (a long random string)")
+    if settings.auth and settings.jwt_secret is None and settings.jwt_private_key_file is None:
+        raise SystemExit("FERRY_AUTH=on needs FERRY_JWT_SECRET (a long random string) "
+                         "or FERRY_JWT_PRIVATE_KEY_FILE")
+    if settings.auth and settings.jwt_private_key_file is not None:
+        from functions.auth import signing_key
+
+        try:
+            signing_key(settings)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"FERRY_JWT_PRIVATE_KEY_FILE: {e}") from None
     loopback = settings.host in ("127.0.0.1", "::1", "localhost") or settings.host.startswith("127.")
     if not settings.auth and not loopback and not settings.allow_insecure:
         raise SystemExit(f"Refusing to serve {settings.host} without authentication: set "

@@ -16,6 +16,7 @@ from functions import (
     conversations,
     cors,
     health,
+    login,
     metrics,
     models,
     ratelimit,
@@ -63,6 +64,7 @@ def create_app(settings: Settings) -> Quart:
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(login.bp)  # /auth/google, as in Jan Server
 
     @app.before_request
     async def who_is_calling() -> None:

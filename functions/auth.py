@@ -1,18 +1,24 @@
 """Who is calling: the bearer token on every request in server mode (``FERRY_AUTH=on``).
 
-Two kinds of bearer token: a JWT Ferry issued (HS256 with ``FERRY_JWT_SECRET``; expiry, issuer
-and audience checked) and an API key (``sk-ferry-…``, looked up by its hash on every request, so
-revoking one takes effect at once). A key with only ``read`` may use GET and HEAD; everything
+Two kinds of bearer token: a JWT Ferry issued (HS256 with ``FERRY_JWT_SECRET``, or RS256/ES256
+with the key pair in ``FERRY_JWT_PRIVATE_KEY_FILE``; expiry, issuer and audience checked) and an
+API key (``sk-ferry-…``, looked up by its hash on every request, so revoking one takes effect at
+once). A key with only ``read`` may use GET and HEAD; everything
 else needs ``write``. Model downloads, starts, stops and deletes need an admin.
 With auth off every request is the one local user, with every permission.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from quart import g, request
 
 from functions.state import LOCAL_USER, state
@@ -70,7 +76,8 @@ def issue_access_token(settings: Settings, user_id: str) -> tuple[str, int]:
     now = int(time.time())
     claims = {"sub": user_id, "iss": settings.jwt_issuer, "aud": settings.jwt_audience,
               "iat": now, "exp": now + settings.access_token_ttl_s}
-    return jwt.encode(claims, _secret(settings), algorithm="HS256"), settings.access_token_ttl_s
+    key = signing_key(settings)
+    return jwt.encode(claims, key.sign, algorithm=key.algorithm), settings.access_token_ttl_s
 
 
 def bearer() -> str | None:
@@ -93,7 +100,8 @@ async def _resolve(token: str, settings: Settings) -> Identity:
         user_id, permissions, via = key.user_id, frozenset(key.permissions), "api_key"
     else:
         try:
-            claims = jwt.decode(token, _secret(settings), algorithms=["HS256"],
+            pair = signing_key(settings)
+            claims = jwt.decode(token, pair.verify, algorithms=[pair.algorithm],
                                 audience=settings.jwt_audience, issuer=settings.jwt_issuer,
                                 options={"require": ["exp", "iat", "sub", "iss", "aud"]})
         except jwt.ExpiredSignatureError:
@@ -108,7 +116,30 @@ async def _resolve(token: str, settings: Settings) -> Identity:
     return Identity(user.id, permissions, user.admin, via)
 
 
-def _secret(settings: Settings) -> str:
+@dataclass(frozen=True)
+class SigningKey:
+    algorithm: str  # the only one accepted when verifying: no "none", no HS/RS confusion
+    sign: Any
+    verify: Any
+
+
+def signing_key(settings: Settings) -> SigningKey:
+    """The key pair in FERRY_JWT_PRIVATE_KEY_FILE (RSA: RS256, EC P-256: ES256), else the secret."""
+    if settings.jwt_private_key_file is not None:
+        return _key_pair(settings.jwt_private_key_file)
     if settings.jwt_secret is None:
-        raise RuntimeError("FERRY_AUTH=on needs FERRY_JWT_SECRET")
-    return settings.jwt_secret.get_secret_value()
+        raise RuntimeError("FERRY_AUTH=on needs FERRY_JWT_SECRET or FERRY_JWT_PRIVATE_KEY_FILE")
+    secret = settings.jwt_secret.get_secret_value()
+    return SigningKey("HS256", secret, secret)
+
+
+@functools.cache
+def _key_pair(path: Path) -> SigningKey:
+    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if isinstance(private, rsa.RSAPrivateKey):
+        algorithm = "RS256"
+    elif isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp256r1":
+        algorithm = "ES256"
+    else:
+        raise ValueError(f"{path}: expected an RSA or EC P-256 private key (PEM)")
+    return SigningKey(algorithm, private, private.public_key())

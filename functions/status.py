@@ -1,15 +1,17 @@
-"""`/status`: the API, Redis, each model (where it is loaded, queue depth) and every worker."""
+"""`/status`: the API, Redis, each model (where it is loaded, queue depth), every worker, and the
+login provider when one is configured."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from quart import Blueprint
 from redis.exceptions import RedisError
 
 from functions.health import persistence
 from functions.state import state
-from shared import keys, liveness, models
+from shared import keys, liveness, models, oidc
 
 bp = Blueprint("status", __name__)
 
@@ -37,5 +39,15 @@ async def status() -> Any:
         "database": {"status": "healthy", "persistence": await persistence(redis)},
         "inference_model": inference,
         "workers": [w.model_dump() for w in workers],
-        "external_apis": {},  # Ferry calls none
+        "external_apis": await external_apis(),
     }
+
+
+async def external_apis() -> dict[str, Any]:
+    """The one outside service Ferry may call: the OIDC login provider, when configured."""
+    settings = state().settings
+    if not settings.auth or not oidc.configured(settings):
+        return {}
+    async with httpx.AsyncClient(timeout=3) as http:
+        up = await oidc.reachable(settings, http)
+    return {"oidc": {"status": "healthy" if up else "unreachable", "issuer": settings.oidc_issuer}}

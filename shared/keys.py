@@ -30,6 +30,8 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:user:{id}:keys``          hash: API key id -> SHA-256 of its secret
 - ``ferry:apikey:{sha256}``         an API key's record (JSON), found by its secret's hash
 - ``ferry:refresh:{sha256}``        a refresh token (by hash) -> user id; deleted when redeemed
+- ``ferry:login:{sha256}``          a login begun with OIDC (verifier, nonce) by its state's hash
+- ``ferry:identity:{sha256}``       the user id of an OIDC identity, by the hash of issuer + subject
 - ``ferry:rate:{scope}:{who}:{n}``  requests counted in fixed window n of a rate limit
 - ``ferry:metrics:requests``        hash: "method, route, status" -> requests served
 - ``ferry:metrics:jobs``            hash: "model, outcome" -> jobs
@@ -147,6 +149,14 @@ def api_key(digest: str) -> str:
 
 def refresh_token(digest: str) -> str:
     return f"{PREFIX}:refresh:{digest}"
+
+
+def login_state(digest: str) -> str:
+    return f"{PREFIX}:login:{digest}"
+
+
+def identity(digest: str) -> str:
+    return f"{PREFIX}:identity:{digest}"
 
 
 def rate(scope: str, who: str, window: int) -> str:

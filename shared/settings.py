@@ -41,10 +41,21 @@ class Settings(BaseSettings):
         False, description="Allow binding a non-loopback address with auth off"
     )
     jwt_secret: SecretStr | None = Field(None, description="HMAC secret signing Ferry's JWTs")
+    jwt_private_key_file: Path | None = Field(
+        None, description="PEM private key (RSA or EC P-256) signing Ferry's JWTs instead of "
+        "the secret (RS256/ES256)")
     jwt_issuer: str = Field("ferry", description="JWT issuer (iss), checked on every token")
     jwt_audience: str = Field("ferry-api", description="JWT audience (aud), checked too")
     access_token_ttl_s: int = Field(3600, ge=60, description="Lifetime of an access JWT")
     refresh_token_ttl_s: int = Field(30 * 86400, ge=60, description="Lifetime of a refresh token")
+    oidc_issuer: str = Field("https://accounts.google.com",
+                             description="OpenID Connect provider for /auth/google login")
+    oidc_client_id: str | None = Field(None, description="OIDC client id; login is off without it")
+    oidc_client_secret: SecretStr | None = Field(None, description="OIDC client secret")
+    oidc_redirect_uri: str | None = Field(
+        None, description="Callback URL registered with the provider (default: this server's "
+        "/auth/google/callback as the request reached it)")
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked for at login")
     rate_limit_user_per_hour: int = Field(1000, ge=0, description="Requests per user (0: none)")
     rate_limit_ip_per_hour: int = Field(
         100, ge=0, description="Unauthenticated requests per IP (0: none)"

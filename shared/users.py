@@ -63,6 +63,27 @@ async def get_user(redis: Redis, user_id: str) -> User:
     return User.model_validate_json(raw)
 
 
+async def user_for_identity(redis: Redis, issuer: str, subject: str, email: str | None,
+                            name: str | None) -> User:
+    """The user an OpenID Connect identity logs in as, created on its first login.
+
+    Linked by issuer and subject, never by email: an email claim alone does not prove the caller
+    owns an existing account of the same name.
+    """
+    link = keys.identity(digest(f"{issuer}\n{subject}"))
+    if (user_id := await redis.get(link)) is not None:
+        return await get_user(redis, user_id.decode())
+    wanted = (email or name or subject)[:120]
+    try:
+        user = await create_user(redis, wanted, email=email)
+    except Conflict:  # the name is taken (by a terminal-made user, say): keep both apart
+        user = await create_user(redis, f"{wanted}#{secrets.token_hex(3)}", email=email)
+    if not await redis.set(link, user.id, nx=True):  # a concurrent first login won the race
+        await redis.delete(keys.user(user.id), keys.user_by_name(user.name))
+        return await get_user(redis, (await redis.get(link)).decode())
+    return user
+
+
 async def find_user(redis: Redis, name: str) -> User | None:
     user_id = await redis.get(keys.user_by_name(name))
     return await get_user(redis, user_id.decode()) if user_id else None

@@ -6,37 +6,50 @@ hold across processes. Users and keys are made with the `ferry users` / `ferry k
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 import redis
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import ROOT, SMOLLM, start_web, start_worker
+from tests.oidc_provider import OIDCProvider
 from tests.test_bad_input import error_of
 
 SECRET = "test-secret-" + "x" * 40
+OIDC_CLIENT, OIDC_SECRET = "ferry-test-client", "oidc-client-secret-" + "z" * 20
 
 
 @pytest.fixture(scope="module")
 def server(env: dict[str, str], redis_url: str, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("auth")
+    provider = OIDCProvider(OIDC_CLIENT, OIDC_SECRET)
     senv = {**env, "REDIS_URL": redis_url.rsplit("/", 1)[0] + "/4", "FERRY_AUTH": "on",
             "FERRY_JWT_SECRET": SECRET, "FERRY_RATE_LIMIT_INFERENCE_PER_MINUTE": "3",
             "FERRY_RATE_LIMIT_USER_PER_HOUR": "40", "FERRY_RATE_LIMIT_IP_PER_HOUR": "1000",
-            "FERRY_CORS_ORIGINS": "https://app.example"}
+            "FERRY_CORS_ORIGINS": "https://app.example", "FERRY_OIDC_ISSUER": provider.url,
+            "FERRY_OIDC_CLIENT_ID": OIDC_CLIENT, "FERRY_OIDC_CLIENT_SECRET": OIDC_SECRET}
     redis.Redis.from_url(senv["REDIS_URL"]).flushdb()
     worker = start_worker(senv, SMOLLM, logs / "worker.log")
     (web_a, url_a), (web_b, url_b) = start_web(senv, logs / "a.log"), start_web(senv, logs / "b.log")
-    yield {"env": senv, "a": url_a, "b": url_b, "logs": [web_a.log, web_b.log]}
+    yield {"env": senv, "a": url_a, "b": url_b, "logs": [web_a.log, web_b.log],
+           "oidc": provider}
     for p in (web_a, web_b, worker):
         p.stop()
+    provider.close()
 
 
 def ferry(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -126,6 +139,65 @@ def test_profile_keys_read_write_revoke_and_refresh(server: dict[str, Any]) -> N
         text = log.read_text()
         assert SECRET not in text and made["read"]["key"] not in text
         assert tokens["refresh_token"] not in text and tokens["access_token"] not in text
+
+
+def begin_login(url: str) -> httpx.Response:
+    """`/auth/google`, then the provider's approval: the redirect back to Ferry's callback."""
+    start = httpx.get(f"{url}/auth/google")
+    assert start.status_code == 302
+    to_provider = httpx.URL(start.headers["Location"])
+    assert to_provider.params["code_challenge_method"] == "S256"
+    assert to_provider.params["state"] and to_provider.params["nonce"]
+    back = httpx.get(to_provider)
+    assert back.status_code == 302
+    return back
+
+
+def test_oidc_login_with_pkce_and_state(server: dict[str, Any]) -> None:
+    back = httpx.URL(begin_login(server["a"]).headers["Location"])
+    assert back.path == "/auth/google/callback"
+    # The callback may land on another web process: the login is kept in Redis.
+    done = httpx.get(f"{server['b']}{back.path}", params=back.params)
+    assert done.status_code == 200, done.text
+    tokens = done.json()
+    assert tokens["token_type"] == "Bearer" and tokens["refresh_token"]
+    assert tokens["user"]["email"] == "ada@example.com"
+    with client(server["a"], tokens["access_token"]) as ada:
+        assert ada.get("/api/v1/user/profile").json()["id"] == tokens["user"]["id"]
+
+    # The same state again: refused, whatever the code.
+    again = httpx.get(f"{server['a']}{back.path}", params=back.params)
+    assert error_of(again, 400)["code"] == "invalid_state"
+    # A forged state.
+    forged = httpx.get(f"{server['a']}/auth/google/callback",
+                       params={"code": back.params["code"], "state": "forged-state"})
+    assert error_of(forged, 400)["code"] == "invalid_state"
+    # The spent code under a fresh, valid state: the provider refuses it.
+    fresh = httpx.URL(begin_login(server["a"]).headers["Location"])
+    reused = httpx.get(f"{server['a']}{fresh.path}",
+                       params={"code": back.params["code"], "state": fresh.params["state"]})
+    assert error_of(reused, 400)["code"] == "invalid_grant"
+    # That state is spent too, though its code was never used.
+    assert httpx.get(f"{server['a']}{fresh.path}", params=fresh.params).status_code == 400
+
+    # The same person logging in again is the same user; another person is another user.
+    same = httpx.URL(begin_login(server["a"]).headers["Location"])
+    assert httpx.get(f"{server['a']}{same.path}", params=same.params).json()["user"]["id"] == \
+        tokens["user"]["id"]
+    server["oidc"].user = {"sub": "1002", "email": "grace@example.com", "name": "Grace"}
+    other = httpx.URL(begin_login(server["a"]).headers["Location"])
+    grace = httpx.get(f"{server['a']}{other.path}", params=other.params).json()["user"]
+    assert grace["id"] != tokens["user"]["id"] and grace["email"] == "grace@example.com"
+
+    denied = httpx.get(f"{server['a']}/auth/google/callback", params={"error": "access_denied"})
+    assert error_of(denied, 400)["code"] == "login_refused"
+    status = httpx.get(f"{server['a']}/api/v1/status",
+                       headers={"Authorization": f"Bearer {tokens['access_token']}"}).json()
+    assert status["external_apis"]["oidc"] == {"status": "healthy",
+                                               "issuer": server["oidc"].url}
+    for log in server["logs"]:
+        text = log.read_text()
+        assert OIDC_SECRET not in text and tokens["access_token"] not in text
 
 
 def test_users_see_only_their_own_objects(server: dict[str, Any]) -> None:
@@ -226,3 +298,40 @@ def test_no_open_bind_without_auth(env: dict[str, str]) -> None:
     assert open_bind.returncode != 0 and "FERRY_ALLOW_INSECURE" in open_bind.stderr
     no_secret = ferry({**env, "FERRY_AUTH": "on"}, "web", "--port", "9")
     assert no_secret.returncode != 0 and "FERRY_JWT_SECRET" in no_secret.stderr
+
+
+def test_key_pair_signs_tokens_and_refuses_algorithm_confusion(
+        server: dict[str, Any], tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "jwt.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    kenv = {k: v for k, v in server["env"].items() if k != "FERRY_JWT_SECRET"}
+    kenv["FERRY_JWT_PRIVATE_KEY_FILE"] = str(pem)
+    assert ferry(kenv, "users", "create", "kp-user").returncode == 0
+    tokens = dict(line.split("=", 1) for line in ferry(kenv, "users", "token", "kp-user").stdout.split())
+    assert jwt.get_unverified_header(tokens["access_token"])["alg"] == "RS256"
+    web, url = start_web(kenv, tmp_path / "web.log")
+    try:
+        with client(url, tokens["access_token"]) as http:
+            assert http.get("/api/v1/user/profile").json()["name"] == "kp-user"
+        claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        # HS256 keyed with the public key, the classic confusion attack; and the old secret.
+        # (PyJWT will not sign that, so it is made by hand.)
+        def b64(data: bytes) -> bytes:
+            return base64.urlsafe_b64encode(data).rstrip(b"=")
+        signed = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"})) + b"." + b64(orjson.dumps(claims))
+        confused = signed + b"." + b64(hmac.new(public, signed, hashlib.sha256).digest())
+        forged = [confused.decode(), jwt.encode(claims, SECRET, algorithm="HS256")]
+        for token in forged:
+            with client(url, token) as http:
+                error_of(http.get("/api/v1/user/profile"), 401)
+    finally:
+        web.stop()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    refused = ferry({**kenv, "FERRY_JWT_PRIVATE_KEY_FILE": str(bad)}, "web", "--port", "9")
+    assert refused.returncode != 0 and "FERRY_JWT_PRIVATE_KEY_FILE" in refused.stderr

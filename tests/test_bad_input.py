@@ -113,3 +113,8 @@ def test_tokenize_needs_input(http: httpx.Client) -> None:
     assert error_of(http.post("/extras/tokenize", json={}), 400)["param"] == "input"
     err = error_of(http.post("/extras/detokenize", json={"tokens": [10**9]}), 400)
     assert err["param"] == "tokens"
+
+
+def test_login_is_404_when_not_configured(http: httpx.Client) -> None:
+    for path in ("/auth/google", "/auth/google/callback?code=x&state=y"):
+        assert error_of(http.get(path), 404)["code"] == "login_not_configured"
