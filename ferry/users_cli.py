@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from redis.asyncio import Redis
 
@@ -36,11 +36,11 @@ async def _run(settings: Settings, command: str, args: dict[str, Any]) -> int:
             return 1
         if command == "keys create":
             permissions = [p.strip() for p in args["permissions"].split(",") if p.strip()]
-            if not set(permissions) <= {"read", "write"}:
+            if not set(permissions) <= set(get_args(users.Permission)):
                 print("error: permissions are read, write or both", file=sys.stderr)
                 return 1
             key, secret = await users.create_key(redis, user_found.id, args["key_name"],
-                                                 permissions)  # type: ignore[arg-type]
+                                                 permissions)  # type: ignore[arg-type]  # checked above
             print(f"# {key.id} for {user_found.name}: {','.join(key.permissions)}", file=sys.stderr)
             print(secret)
             return 0

@@ -19,6 +19,7 @@ from functions import (
     login,
     metrics,
     models,
+    openapi,
     ratelimit,
     runs,
     status,
@@ -38,7 +39,7 @@ API_PREFIXES = ("/v1", "/api/v1")
 
 
 def create_app(settings: Settings) -> Quart:
-    app = Quart("ferry")
+    app = Quart("ferry", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     st = FerryState(settings=settings)
     app.extensions["ferry"] = st
@@ -65,6 +66,7 @@ def create_app(settings: Settings) -> Quart:
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(login.bp)  # /auth/google, as in Jan Server
+    app.register_blueprint(openapi.bp)  # /openapi.json and /api/swagger/
 
     @app.before_request
     async def who_is_calling() -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import caller, parse_body, parse_query, state
 from shared import keys, store
 from shared.objects import DEFAULT_ASSISTANT, Assistant, check_id, new_id, now
@@ -15,6 +17,7 @@ bp = Blueprint("assistants", __name__)
 
 
 @bp.post("/assistants")
+@operation("Create an assistant", body=AssistantCreate, response=Assistant)
 async def create() -> Any:
     body = await parse_body(AssistantCreate)
     assistant = Assistant(id=new_id("asst"), owner=caller(), **body.model_dump())
@@ -23,18 +26,21 @@ async def create() -> Any:
 
 
 @bp.get("/assistants")
+@operation("List assistants", query=ListParams, response=r.Page[Assistant])
 async def list_assistants() -> Any:
     params = parse_query(ListParams)
     return await store.list_owned(state().redis, Assistant, caller(), **params.paging())
 
 
 @bp.get("/assistants/<assistant_id>")
+@operation("Get an assistant", response=Assistant)
 async def get(assistant_id: str) -> Any:
     return (await _owned(assistant_id)).public()
 
 
 @bp.post("/assistants/<assistant_id>")
 @bp.patch("/assistants/<assistant_id>")
+@operation("Modify an assistant", body=AssistantModify, response=Assistant)
 async def modify(assistant_id: str) -> Any:
     assistant = await _owned(assistant_id)
     body = await parse_body(AssistantModify)
@@ -44,6 +50,7 @@ async def modify(assistant_id: str) -> Any:
 
 
 @bp.delete("/assistants/<assistant_id>")
+@operation("Delete an assistant", response=r.Deleted)
 async def delete(assistant_id: str) -> Any:
     assistant = await _owned(assistant_id)
     await store.delete(state().redis, assistant)

@@ -8,9 +8,11 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from functions import responses as r
 from functions import sse
 from functions.conversations import record_turn
 from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, submit
+from functions.openapi import STREAM, operation
 from functions.render import Renderer
 from functions.sse import Event
 from functions.state import parse_body, state
@@ -23,17 +25,20 @@ bp = Blueprint("completions", __name__)
 
 
 @bp.post("/chat/completions")
+@operation("Create a chat completion", body=ChatCompletionRequest, response=r.ChatCompletion, media=STREAM)
 async def chat_completions() -> Any:
     return await _complete(await parse_body(ChatCompletionRequest))
 
 
 @bp.post("/completions")
+@operation("Create a text completion", body=CompletionRequest, response=r.TextCompletion, media=STREAM)
 async def completions() -> Any:
     return await _complete(await parse_body(CompletionRequest))
 
 
 @bp.get("/chat/completions/<job_id>/stream")
 @bp.get("/completions/<job_id>/stream")
+@operation("Resume a completion's stream (Last-Event-ID)", media=STREAM)
 async def resume(job_id: str) -> Response:
     """Replay a stream after `Last-Event-ID` (header or query), then follow it live."""
     st = state()

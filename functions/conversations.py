@@ -10,6 +10,8 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import caller, parse_body, parse_query, state
 from functions.threads import owned_thread
 from shared import store
@@ -21,6 +23,7 @@ bp = Blueprint("conversations", __name__)
 
 
 @bp.post("/conversations")
+@operation("Create a conversation", body=ConversationCreate, response=r.Conversation)
 async def create() -> Any:
     body = await parse_body(ConversationCreate)
     thread = Thread(id=new_id("conv"), owner=caller(), title=body.title, model=body.model,
@@ -30,6 +33,7 @@ async def create() -> Any:
 
 
 @bp.get("/conversations")
+@operation("List conversations", query=ListParams, response=r.Page[r.Conversation])
 async def list_conversations() -> Any:
     params = parse_query(ListParams)
     listing = await store.list_owned(state().redis, Thread, caller(), **params.paging())
@@ -39,6 +43,7 @@ async def list_conversations() -> Any:
 
 
 @bp.get("/conversations/<conversation_id>")
+@operation("Get a conversation with its messages", response=r.Conversation)
 async def get(conversation_id: str) -> Any:
     thread = await owned_thread(conversation_id)
     out = thread.as_conversation()

@@ -8,6 +8,8 @@ from typing import Any
 from quart import Blueprint
 from redis.exceptions import RedisError
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import state
 from shared import liveness, models
 
@@ -15,6 +17,7 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/health")
+@operation("Liveness: this process, Redis and a worker", response=r.Health)
 async def health() -> Any:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     redis = state().redis

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from quart import Blueprint, redirect, request
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import state
 from functions.users import tokens_for
 from shared import oidc, users
@@ -28,6 +30,7 @@ def _enabled() -> None:
 
 
 @bp.get("/auth/google")
+@operation("Log in with the OpenID Connect provider (redirect)", status=302)
 async def begin() -> Any:
     _enabled()
     st = state()
@@ -38,6 +41,7 @@ async def begin() -> Any:
 
 
 @bp.get("/auth/google/callback")
+@operation("The provider's callback: issues Ferry's tokens", response=r.LoggedIn)
 async def callback() -> Any:
     _enabled()
     args = request.args

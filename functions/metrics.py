@@ -7,6 +7,7 @@ import logging
 from quart import Blueprint, Response, request
 from redis.exceptions import RedisError
 
+from functions.openapi import operation
 from functions.state import state
 from shared import metrics
 
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 @bp.get("/metrics")
+@operation("Prometheus metrics", media="text/plain")
 async def scrape() -> Response:
     body = await metrics.render(state().redis)
     return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")

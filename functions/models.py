@@ -12,8 +12,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint
 
+from functions import responses as r
 from functions import sse
 from functions.auth import require_admin
+from functions.openapi import STREAM, operation
 from functions.sse import Event
 from functions.state import FerryState, parse_body, state
 from shared import control, downloads, keys, models
@@ -46,12 +48,14 @@ class DownloadRequest(BaseModel):
 
 
 @bp.get("/models")
+@operation("List models", response=r.Page[r.ModelInfo])
 async def list_models() -> Any:
     records = await models.all_models(state().redis)
     return {"object": "list", "data": [await _public(r) for r in records]}
 
 
 @bp.get("/models/<model_id>")
+@operation("Get a model", response=r.ModelInfo)
 async def get_model(model_id: str) -> Any:
     record = await models.get(state().redis, model_id)
     out = await _public(record)
@@ -62,6 +66,7 @@ async def get_model(model_id: str) -> Any:
 
 
 @bp.post("/models")
+@operation("Download a model (admin)", body=DownloadRequest)
 async def download() -> Any:
     require_admin()
     req = await parse_body(DownloadRequest)
@@ -78,6 +83,7 @@ async def download() -> Any:
 
 
 @bp.get("/models/download/<model_id>")
+@operation("Download a registered model again (admin)")
 async def download_again(model_id: str) -> Any:
     """Jan's form: (re)start the download of a model known by id (one with a source_url)."""
     require_admin()
@@ -90,6 +96,7 @@ async def download_again(model_id: str) -> Any:
 
 
 @bp.get("/models/<model_id>/progress")
+@operation("A download's progress, as Server-Sent Events", media=STREAM)
 async def progress(model_id: str) -> Any:
     """The download's progress as Server-Sent Events, until it ends."""
     redis = state().redis
@@ -107,6 +114,7 @@ async def progress(model_id: str) -> Any:
 
 
 @bp.put("/models/<model_id>/start")
+@operation("Load a model on a worker (admin)", response=r.ModelState)
 async def start(model_id: str) -> Any:
     """Load the model on a worker (placed by memory, evicting idle models if need be)."""
     require_admin()
@@ -117,6 +125,7 @@ async def start(model_id: str) -> Any:
 
 
 @bp.put("/models/<model_id>/stop")
+@operation("Unload a model everywhere (admin)", response=r.ModelState)
 async def stop(model_id: str) -> Any:
     require_admin()
     st = state()
@@ -125,6 +134,7 @@ async def stop(model_id: str) -> Any:
 
 
 @bp.delete("/models/<model_id>")
+@operation("Delete a model and its files (admin)", response=r.Deleted)
 async def delete(model_id: str) -> Any:
     """Cancel a running download, or stop the model and remove it with its files."""
     require_admin()

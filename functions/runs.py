@@ -13,8 +13,10 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
 from functions import sse
 from functions.jobs import JobMeta, JobStream, submit
+from functions.openapi import STREAM, operation
 from functions.sse import Event
 from functions.state import caller, parse_body, parse_query, state
 from functions.threads import owned_thread
@@ -32,6 +34,7 @@ DEFAULT_RESERVE = 512  # tokens kept free for the answer when a run names no lim
 
 
 @bp.post("/threads/<thread_id>/runs")
+@operation("Run an assistant on a thread", body=RunCreate, response=Run, media=STREAM)
 async def create(thread_id: str) -> Any:
     st = state()
     thread = await owned_thread(thread_id)
@@ -71,17 +74,20 @@ async def create(thread_id: str) -> Any:
 
 
 @bp.get("/threads/<thread_id>/runs")
+@operation("List a thread's runs", query=ListParams, response=r.Page[Run])
 async def list_runs(thread_id: str) -> Any:
     thread = await owned_thread(thread_id)
     return await store.list_runs(state().redis, thread, **parse_query(ListParams).paging())
 
 
 @bp.get("/threads/<thread_id>/runs/<run_id>")
+@operation("Get a run", response=Run)
 async def get(thread_id: str, run_id: str) -> Any:
     return (await _checked(await _owned_run(thread_id, run_id))).public()
 
 
 @bp.post("/threads/<thread_id>/runs/<run_id>/cancel")
+@operation("Cancel a run", response=Run)
 async def cancel(thread_id: str, run_id: str) -> Any:
     st = state()
     run = await _owned_run(thread_id, run_id)

@@ -9,7 +9,9 @@ import httpx
 from quart import Blueprint
 from redis.exceptions import RedisError
 
+from functions import responses as r
 from functions.health import persistence
+from functions.openapi import operation
 from functions.state import state
 from shared import keys, liveness, models, oidc
 
@@ -17,6 +19,7 @@ bp = Blueprint("status", __name__)
 
 
 @bp.get("/status")
+@operation("Status of the API, Redis, models, workers and the login provider", response=r.Status)
 async def status() -> Any:
     redis = state().redis
     try:

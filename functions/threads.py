@@ -6,6 +6,8 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import caller, parse_body, parse_query, state
 from shared import store
 from shared.errors import InvalidRequest
@@ -22,6 +24,7 @@ bp = Blueprint("threads", __name__)
 
 
 @bp.post("/threads")
+@operation("Create a thread", body=ThreadCreate, response=Thread)
 async def create() -> Any:
     body = await parse_body(ThreadCreate)
     thread = Thread(
@@ -35,18 +38,21 @@ async def create() -> Any:
 
 
 @bp.get("/threads")
+@operation("List threads", query=ListParams, response=r.Page[Thread])
 async def list_threads() -> Any:
     params = parse_query(ListParams)
     return await store.list_owned(state().redis, Thread, caller(), **params.paging())
 
 
 @bp.get("/threads/<thread_id>")
+@operation("Get a thread", response=Thread)
 async def get(thread_id: str) -> Any:
     return (await owned_thread(thread_id)).public()
 
 
 @bp.post("/threads/<thread_id>")
 @bp.patch("/threads/<thread_id>")
+@operation("Modify a thread", body=ThreadModify, response=Thread)
 async def modify(thread_id: str) -> Any:
     thread = await owned_thread(thread_id)
     changes = (await parse_body(ThreadModify)).model_dump(exclude_unset=True)
@@ -56,6 +62,7 @@ async def modify(thread_id: str) -> Any:
 
 
 @bp.delete("/threads/<thread_id>")
+@operation("Delete a thread and its messages", response=r.Deleted)
 async def delete(thread_id: str) -> Any:
     thread = await owned_thread(thread_id)
     await store.delete(state().redis, thread)
@@ -63,6 +70,7 @@ async def delete(thread_id: str) -> Any:
 
 
 @bp.post("/threads/<thread_id>/messages")
+@operation("Add a message", body=MessageCreate, response=Message)
 async def create_message(thread_id: str) -> Any:
     thread = await owned_thread(thread_id)
     message = new_message(thread, await parse_body(MessageCreate))
@@ -71,6 +79,7 @@ async def create_message(thread_id: str) -> Any:
 
 
 @bp.get("/threads/<thread_id>/messages")
+@operation("List a thread's messages", query=ListParams, response=r.Page[Message])
 async def list_messages(thread_id: str) -> Any:
     thread = await owned_thread(thread_id)
     params = parse_query(ListParams)
@@ -78,6 +87,7 @@ async def list_messages(thread_id: str) -> Any:
 
 
 @bp.get("/threads/<thread_id>/messages/<message_id>")
+@operation("Get a message", response=Message)
 async def get_message(thread_id: str, message_id: str) -> Any:
     thread = await owned_thread(thread_id)
     return (await store.get_message(state().redis, thread, check_id(message_id, "message_id"))
@@ -85,6 +95,7 @@ async def get_message(thread_id: str, message_id: str) -> Any:
 
 
 @bp.post("/threads/<thread_id>/messages/<message_id>")
+@operation("Modify a message", body=MessageModify, response=Message)
 async def modify_message(thread_id: str, message_id: str) -> Any:
     thread = await owned_thread(thread_id)
     message = await store.get_message(state().redis, thread, check_id(message_id, "message_id"))

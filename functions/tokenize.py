@@ -11,6 +11,8 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
+from functions.openapi import operation
 from functions.state import parse_body, state
 from shared import models
 from shared.errors import InvalidRequest
@@ -32,6 +34,7 @@ async def tokenizer(model: str | None) -> Any:
 
 
 @bp.post("/extras/tokenize")
+@operation("Tokenize text with a model's tokenizer", body=TokenizeRequest, response=r.Tokens)
 async def tokenize() -> Any:
     req = await parse_body(TokenizeRequest)
     vocab = await tokenizer(req.model)
@@ -43,6 +46,7 @@ async def tokenize() -> Any:
 
 
 @bp.post("/extras/tokenize/count")
+@operation("Count tokens", body=TokenizeRequest, response=r.TokenCount)
 async def count() -> Any:
     req = await parse_body(TokenizeRequest)
     vocab = await tokenizer(req.model)
@@ -50,6 +54,7 @@ async def count() -> Any:
 
 
 @bp.post("/extras/detokenize")
+@operation("Turn tokens back into text", body=DetokenizeRequest, response=r.Detokenized)
 async def detokenize() -> Any:
     req = await parse_body(DetokenizeRequest)
     vocab = await tokenizer(req.model)

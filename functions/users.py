@@ -7,11 +7,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, request
 
+from functions import responses as r
 from functions.auth import bearer, issue_access_token
+from functions.openapi import operation
 from functions.state import caller, parse_body, state
 from shared import users
 from shared.errors import InvalidRequest, Unauthorized
-from shared.users import Permission
+from shared.users import ApiKey, Permission, User
 
 bp = Blueprint("users", __name__)
 
@@ -37,6 +39,7 @@ async def tokens_for(user_id: str) -> dict[str, Any]:
 
 
 @bp.post("/auth/refresh")
+@operation("Spend a refresh token for new tokens", body=RefreshRequest, response=r.TokenPair)
 async def refresh() -> Any:
     """Spend a refresh token (body ``refresh_token``, or the bearer) for a new pair."""
     if not state().settings.auth:
@@ -50,13 +53,15 @@ async def refresh() -> Any:
 
 
 @bp.get("/user/profile")
+@operation("The caller", response=User)
 async def profile() -> Any:
     if not state().settings.auth:
-        return {"id": caller(), "object": "user", "name": caller(), "email": None, "admin": True}
+        return users.User(id=caller(), name=caller(), admin=True, created_at=0).model_dump()
     return (await users.get_user(state().redis, caller())).model_dump()
 
 
 @bp.post("/user/api-keys")
+@operation("Create an API key (its secret is shown once)", body=NewApiKey, response=r.NewKey)
 async def create_key() -> Any:
     body = await parse_body(NewApiKey)
     key, secret = await users.create_key(state().redis, caller(), body.name, body.permissions)
@@ -64,12 +69,14 @@ async def create_key() -> Any:
 
 
 @bp.get("/user/api-keys")
+@operation("List the caller's API keys", response=r.Page[ApiKey])
 async def list_keys() -> Any:
     keys = await users.list_keys(state().redis, caller())
     return {"object": "list", "data": [k.model_dump() for k in keys]}
 
 
 @bp.delete("/user/api-keys/<key_id>")
+@operation("Revoke an API key", response=r.Deleted)
 async def revoke_key(key_id: str) -> Any:
     await users.revoke_key(state().redis, caller(), key_id)
     return {"id": key_id, "object": "api_key.deleted", "deleted": True}

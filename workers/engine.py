@@ -56,7 +56,9 @@ class Engine:
     def __init__(self, llm: Llama, record: ModelRecord) -> None:
         self.llm = llm
         self.record = record
-        self.n_ctx = llm.n_ctx()
+        # llama.cpp may round the context up (128 -> 256), but llama-cpp-python sizes its logits
+        # array by the context asked for: the smaller is the real limit.
+        self.n_ctx = min(llm.n_ctx(), llm.context_params.n_ctx)
         self.formatter = _chat_formatter(llm, record.chat_format)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._lock = asyncio.Lock()
@@ -118,7 +120,7 @@ class Engine:
         for prompt in prompts:
             usage.prompt_tokens += len(prompt.tokens)
             for j in range(job.n):
-                counter = _TokenCounter(stop)
+                counter = _TokenCounter(stop, self.n_ctx)
                 stopping = StoppingCriteriaList([counter, *(prompt.stopping or [])])
                 chunks = cast(Iterator[Any], self.llm.create_completion(
                     prompt=prompt.tokens,
@@ -142,7 +144,10 @@ class Engine:
                     if stop.is_set():
                         chunks.close()  # type: ignore[attr-defined]  # a generator
                         return
-                    yield _delta(prompt.index + j, chunk["choices"][0], job.logprobs or 0)
+                    choice = chunk["choices"][0]
+                    if counter.full and choice.get("finish_reason"):
+                        choice["finish_reason"] = "length"  # the context ran out, not a stop
+                    yield _delta(prompt.index + j, choice, job.logprobs or 0)
                 usage.completion_tokens += counter.sampled
         yield Final(usage=usage)
 
@@ -164,13 +169,21 @@ class Engine:
             stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
             prompts = [Prompt(0, tokens, [s for s in stops if s], result.stopping_criteria)]
         else:
-            prompts = [
-                Prompt(i * job.n, self.llm.tokenize(p.encode(), add_bos=True, special=True), [], None)
-                for i, p in enumerate(job.prompts)
-            ]
+            prompts = [Prompt(i * job.n, self._prompt_tokens(p), [], None)
+                       for i, p in enumerate(job.prompts)]
         for p in prompts:
             self._check_fits(len(p.tokens), job)
         return prompts
+
+    def _prompt_tokens(self, text: str) -> list[int]:
+        """An empty prompt starts from BOS, as llama.cpp's server does; llama.cpp needs a token."""
+        tokens = self.llm.tokenize(text.encode(), add_bos=True, special=True)
+        if not tokens and (bos := self.llm.token_bos()) >= 0:
+            tokens = [bos]
+        if not tokens:
+            raise InvalidRequest("The prompt is empty and this model has no BOS token to start from",
+                                 param="prompt")
+        return tokens
 
     def _check_fits(self, prompt_tokens: int, job: GenerationJob) -> None:
         wanted = prompt_tokens + (job.sampling.max_tokens or 1)
@@ -186,22 +199,30 @@ class Engine:
 
 
 class _TokenCounter:
-    """A stopping criterion that counts sampled tokens and stops when asked to.
+    """A stopping criterion that counts sampled tokens and stops when asked to, or when the
+    context is full: llama-cpp-python's streaming loop can skip its own max_tokens check (while
+    it holds back a partial stop sequence) and then evaluate past the context, and fail.
 
     llama-cpp-python calls it once per sampled token and once more after the loop.
     """
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: threading.Event, n_ctx: int) -> None:
         self.stop = stop
+        self.n_ctx = n_ctx
         self.calls = 0
+        self.dropped = 0  # the token sampled when this criterion ended generation is not emitted
+        self.full = False
 
     def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
         self.calls += 1
-        return self.stop.is_set()
+        self.full = self.full or len(input_ids) >= self.n_ctx
+        if (self.full or self.stop.is_set()) and not self.dropped:
+            self.dropped = 1
+        return self.full or self.stop.is_set()
 
     @property
     def sampled(self) -> int:
-        return max(self.calls - 1, 0)
+        return max(self.calls - 1 - self.dropped, 0)
 
 
 def _delta(index: int, choice: dict[str, Any], top_n: int) -> Delta:

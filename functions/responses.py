@@ -1,0 +1,184 @@
+"""The shapes of Ferry's JSON answers that have no stored model of their own, for the OpenAPI document.
+
+Stored objects (assistants, threads, messages, runs, users, API keys) are documented by their own
+models in `shared`; these cover the rest. They are checked against real answers by the
+schemathesis test, which fails on any answer that does not match.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from shared.users import ApiKey, User
+
+T = TypeVar("T")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer, in OpenAI's shape."""
+
+    error: ErrorBody
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """`stream: false`; with `stream: true` the answer is Server-Sent Events of chunks."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: dict[str, Any] | None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """A registered model: Jan's model.json fields, and its state on this server."""
+
+    id: str
+    object: Literal["model"]
+    name: str | None = None
+    state: str | None = None
+    created: int | None = None
+    owned_by: str | None = None
+    engine: str | None = None
+    format: str | None = None
+    ctx_len: int | None = None
+    settings: dict[str, Any] = {}
+    parameters: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+
+
+class WorkerRef(BaseModel):
+    id: str
+    host: str
+    device: str
+
+
+class ModelState(BaseModel):
+    """The answer to start and stop: where the model now runs (start), or that it stopped."""
+
+    id: str
+    object: Literal["model"]
+    state: str
+    worker: WorkerRef | None = None
+
+
+class Conversation(BaseModel):
+    id: str
+    object: Literal["conversation"]
+    title: str
+    model: str | None
+    created_at: int
+    updated_at: int
+    metadata: dict[str, str]
+    assistants: list[dict[str, Any]]
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
+class Tokens(BaseModel):
+    tokens: list[int] | list[TokenPiece]  # with_pieces: each token with its text
+
+
+class TokenCount(BaseModel):
+    count: int
+
+
+class Detokenized(BaseModel):
+    content: str
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    refresh_token: str
+
+
+class LoggedIn(TokenPair):
+    user: User
+
+
+class NewKey(ApiKey):
+    key: str  # the secret, shown this once
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    timestamp: str
+    reason: str | None = None
+    workers: dict[str, int] = {}
+    persistence: str | None = None
+    warning: str | None = None
+
+
+class Status(BaseModel):
+    api_gateway: str
+    database: dict[str, Any]
+    inference_model: dict[str, dict[str, Any]] = {}
+    workers: list[dict[str, Any]] = []
+    external_apis: dict[str, Any] = {}
+
