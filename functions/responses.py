@@ -55,40 +55,38 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    message: AssistantMessage
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class TextChoice(_Choice):
+    text: str
+
+
+class _Completion(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Completion):
     """`stream: false`; with `stream: true` the answer is Server-Sent Events of chunks."""
 
-    id: str
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
-class TextChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: str | None
-    logprobs: dict[str, Any] | None = None
-
-
-class TextCompletion(BaseModel):
-    id: str
+class TextCompletion(_Completion):
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[TextChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ModelInfo(BaseModel):
