@@ -66,8 +66,10 @@ def document(app: Quart) -> dict[str, Any]:
         [(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
         ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
-    for model in outputs:
-        _hide(schemas, refs[(model, "serialization")])
+    for schema in schemas.values():  # no request model has these fields, so every schema may lose them
+        for field in HIDDEN & set(schema.get("properties", {})):
+            del schema["properties"][field]
+            schema["required"] = [f for f in schema.get("required", []) if f != field]
 
     paths: dict[str, dict[str, Any]] = {}
     for path, method, op in sorted(ops, key=lambda o: (o[0], o[1])):
@@ -118,20 +120,6 @@ def _answer(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     elif op.media is not None:
         content[op.media] = {"schema": {"type": "string"}}
     return {"description": "OK", "content": content or {"application/json": {"schema": {"type": "object"}}}}
-
-
-def _hide(schemas: dict[str, Any], ref: dict[str, Any]) -> None:
-    """Drop HIDDEN fields from an answer's schema and from the schemas it refers to."""
-    name = ref.get("$ref", "").rsplit("/", 1)[-1]
-    schema = schemas.get(name)
-    if schema is None:
-        return
-    for field in HIDDEN & set(schema.get("properties", {})):
-        del schema["properties"][field]
-        schema["required"] = [f for f in schema.get("required", []) if f != field]
-    for found in re.findall(r"#/components/schemas/([^\"']+)", str(schema)):
-        if found != name:
-            _hide(schemas, {"$ref": f"#/components/schemas/{found}"})
 
 
 def _tag(path: str) -> str:

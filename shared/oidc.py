@@ -65,7 +65,7 @@ async def provider(settings: Settings, http: httpx.AsyncClient) -> Provider:
     cached = _providers.get(issuer)
     if cached and time.monotonic() - cached[0] < CACHE_S:
         return cached[1]
-    url = f"{issuer}/.well-known/openid-configuration"
+    url = _discovery_url(settings)
     try:
         found = Provider.model_validate(await _get_json(http, url))
     except ValidationError:
@@ -159,7 +159,7 @@ async def _signing_key(http: httpx.AsyncClient, meta: Provider, kid: str | None)
 async def reachable(settings: Settings, http: httpx.AsyncClient) -> bool:
     """Whether the provider answers its discovery document now (no cache)."""
     try:
-        await _get_json(http, f"{settings.oidc_issuer.rstrip('/')}/.well-known/openid-configuration")
+        await _get_json(http, _discovery_url(settings))
         return True
     except ProviderUnreachable:
         return False
@@ -172,6 +172,10 @@ async def _get_json(http: httpx.AsyncClient, url: str) -> dict[str, Any]:
         return _json(r)
     except httpx.HTTPError as e:
         raise ProviderUnreachable(f"Could not read {url}: {type(e).__name__}") from None
+
+
+def _discovery_url(settings: Settings) -> str:
+    return f"{settings.oidc_issuer.rstrip('/')}/.well-known/openid-configuration"
 
 
 def _json(r: httpx.Response) -> dict[str, Any]:
