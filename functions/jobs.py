@@ -14,11 +14,15 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from pydantic import BaseModel
 
 from shared import control, keys, liveness
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
 from shared.jobs import Delta, Error, Final, GenerationJob, decode, encode
+from shared.redis import serialize
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,13 +41,27 @@ class JobMeta(BaseModel):
     include_usage: bool = False
 
 
+# arq's `enqueue_job` (its job key, payload and queue score), but only while the queue holds
+# fewer than the limit: checking the depth and enqueueing are one step, so a burst cannot overfill.
+ADMIT = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('PSETEX', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+return 1
+"""
+
+
 async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: Settings) -> None:
     """Enqueue `job` on its model's queue, or fail fast with 429 / 503."""
-    queue = keys.queue(job.model)
-    if await redis.zcard(queue) >= settings.queue_limit:
-        raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     await wait_for_worker(redis, job.model, settings)
-    await redis.enqueue_job(GENERATE, job=job.model_dump(), _job_id=job.id, _queue_name=queue)
+    now = timestamp_ms()
+    payload = serialize_job(GENERATE, (), {"job": job.model_dump()}, None, now,
+                            serializer=serialize)
+    admitted = await redis.register_script(ADMIT)(
+        keys=[keys.queue(job.model), job_key_prefix + job.id],
+        args=[settings.queue_limit, redis.expires_extra_ms, payload, now, job.id])
+    if not admitted:
+        raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(
             keys.job_meta(job.id), meta.model_dump_json(),

@@ -78,7 +78,7 @@ async def start(redis: Redis, settings: Settings, model: str) -> WorkerInfo:
             raise Unavailable(f"Model '{model}' is still loading; retry shortly", code="timeout")
         await asyncio.sleep(0.1)
     try:
-        need = models.need_bytes(record, settings.ctx_len, settings.n_batch, settings.logprobs)
+        need = models.need_bytes(record, settings.ctx_len, settings.n_batch, settings.parallel)
         placement = choose(await liveness.all_workers(redis), model, need)
         if not placement.already:
             log.info("starting %s on worker %s (unloading %s)", model, placement.worker.id,

@@ -89,6 +89,7 @@ class Delta(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier request
 
     @property
     def total_tokens(self) -> int:

@@ -101,16 +101,16 @@ class ModelRecord(BaseModel):
         })
 
 
-def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, logits_all: bool) -> int:
+def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, parallel: int) -> int:
     """Memory a loaded model takes, estimated: weights + KV cache + logits + compute buffers.
 
-    llama-cpp-python keeps a float32 row of logits per token of context when every token's logits
-    are kept (for logprobs), else one per batch slot.
+    All `parallel` sequences share one KV cache of `ctx_len` tokens; llama.cpp keeps a float32 row
+    of logits per output of a batch, at most one per batch slot.
     """
     meta = record.metadata
     size = meta.get("size") or (Path(record.path).stat().st_size if record.path else 0)
     kv = (meta.get("kv_bytes_per_token") or 0) * ctx_len
-    logits = (ctx_len if logits_all else n_batch) * (meta.get("vocab_size") or 0) * 4
+    logits = max(n_batch, parallel) * (meta.get("vocab_size") or 0) * 4
     return int(size + kv + logits + COMPUTE_OVERHEAD)
 
 

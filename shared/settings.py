@@ -68,11 +68,12 @@ class Settings(BaseSettings):
     # Model loading (Jan's defaults)
     ctx_len: int = Field(4096, ge=64, description="Context length per model")
     n_batch: int = Field(512, ge=1, description="Prompt batch size")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads (unset: auto)")
+    n_threads: int | None = Field(
+        None, ge=1, description="CPU threads (unset: every physical core, as llama.cpp counts)")
     n_gpu_layers: int = Field(-1, description="Layers to offload to the GPU (-1: all)")
-    logprobs: bool = Field(
-        True, description="Keep logits for every token so requests can ask for logprobs"
-    )
+    parallel: int = Field(
+        8, ge=1, le=256, description="Sequences a loaded model generates at once (one KV cache "
+        "of ctx_len tokens shared by all)")
 
     # Where models run
     auto_start: bool = Field(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from shared import keys, metrics, store
 from shared.errors import FerryError
-from shared.jobs import Delta, Error, Final, GenerationJob
-from workers.publish import Publisher
+from shared.jobs import Error, GenerationJob
+from workers.publish import Answer
 from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -27,8 +26,7 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
         pipe.exists(keys.job_cancel(gen.id))
         pipe.set(keys.job_worker(gen.id), st.worker_id, ex=int(st.settings.job_timeout_s) + 60)
         cancelled_while_queued = (await pipe.execute())[0]
-    out = Publisher(st.stream_client, gen.id, st.settings.stream_ttl_s)
-    answer = _Answer(out, hold_final=gen.reply is not None)
+    answer = Answer(gen.id, hold_final=gen.reply is not None, loop=asyncio.get_running_loop())
     if cancelled_while_queued:
         outcome, last = "cancelled", CANCELLED
     else:
@@ -40,14 +38,14 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
         elif outcome != "completed":
             await store.end_run(st.redis, gen.reply, outcome, last.model_dump() if last else None)
     if last is not None:
-        await asyncio.to_thread(out.send, [last])
+        await asyncio.to_thread(st.publisher.send, answer, [last])
     log.info("job %s %s", gen.id, outcome)
     await _record(st, gen, ctx, outcome, answer)
     return outcome
 
 
 async def _record(st: WorkerState, job: GenerationJob, ctx: dict[str, Any], outcome: str,
-                  answer: _Answer) -> None:
+                  answer: Answer) -> None:
     """The job's figures for /metrics; a failure here never fails the job."""
     enqueued = ctx.get("enqueue_time")
     first = answer.first_token_at
@@ -62,10 +60,10 @@ async def _record(st: WorkerState, job: GenerationJob, ctx: dict[str, Any], outc
         log.warning("could not record metrics for job %s", job.id, exc_info=True)
 
 
-async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[str, Any]:
+async def _run(st: WorkerState, job: GenerationJob, answer: Answer) -> tuple[str, Any]:
     st.usage.jobs_in_flight += 1
     try:
-        if await st.engine.run(job, answer.emit):
+        if await st.engine.run(job, answer):
             return "cancelled", CANCELLED
         return "completed", answer.final if answer.hold_final else None
     except FerryError as e:
@@ -76,28 +74,3 @@ async def _run(st: WorkerState, job: GenerationJob, answer: _Answer) -> tuple[st
     finally:
         st.usage.jobs_in_flight -= 1
         st.usage.last_used = time.time()
-
-
-class _Answer:
-    """Publishes as the engine emits; keeps choice 0's text, and holds `final` back if asked."""
-
-    def __init__(self, out: Publisher, hold_final: bool) -> None:
-        self.out = out
-        self.hold_final = hold_final
-        self.parts: list[str] = []
-        self.final: Final | None = None
-        self.first_token_at: float | None = None  # unix time
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def emit(self, messages: Sequence[Delta | Final]) -> bool:
-        if self.first_token_at is None and isinstance(messages[0], Delta):
-            self.first_token_at = time.time()
-        self.parts.extend(m.text for m in messages if isinstance(m, Delta) and m.index == 0)
-        if isinstance(messages[-1], Final):
-            self.final = messages[-1]
-            if self.hold_final:
-                messages = messages[:-1]
-        return self.out.send(messages)

@@ -31,6 +31,7 @@ from shared.liveness import Loaded, WorkerInfo
 from shared.models import ModelRecord
 from shared.redis import deserialize, redis_settings, serialize
 from shared.settings import Settings
+from workers.publish import Publisher
 
 if TYPE_CHECKING:
     from workers.slot import Slot
@@ -62,6 +63,7 @@ class WorkerProcess:
         self.redis: ArqRedis = await create_pool(
             redis_settings(self.url), job_serializer=serialize, job_deserializer=deserialize)
         self.stream_client = redis.Redis.from_url(self.url)
+        self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,6 +88,7 @@ class WorkerProcess:
             heartbeat.cancel()
             await liveness.leave(self.redis, self.info)
             await self.redis.aclose()
+            self.publisher.close()
             self.stream_client.close()
 
     async def load(self, spec: str, evict: Sequence[str] = ()) -> str:
@@ -100,7 +103,7 @@ class WorkerProcess:
         if record.id in self.slots:
             return record.id
         need = models.need_bytes(record, self.settings.ctx_len, self.settings.n_batch,
-                                 self.settings.logprobs)
+                                 self.settings.parallel)
         if need > self.info.capacity:
             raise InsufficientMemory(f"Model '{record.id}' needs about {need >> 20} MiB; this "
                                      f"worker has {self.info.capacity >> 20} MiB")
@@ -109,12 +112,12 @@ class WorkerProcess:
                               code="workers_busy")
         log.info("loading %s from %s", record.id, record.path)
         engine = await asyncio.to_thread(Engine.load, record, self.settings, not self.cpu,
-                                         self.gpu is not None)
+                                         self.gpu is not None, self.publisher.post)
         record.ctx_len = engine.n_ctx
         usage = Loaded(id=record.id, need=need, last_used=time.time())
         self.slots[record.id] = Slot(WorkerState(
             settings=self.settings, redis=self.redis, engine=engine,
-            stream_client=self.stream_client, worker_id=self.info.id, usage=usage,
+            publisher=self.publisher, worker_id=self.info.id, usage=usage,
         ), self.url)
         self.info.models.append(usage)
         await models.register_loaded(self.redis, record)

@@ -1,10 +1,18 @@
-"""The worker's side of a job's stream: append messages, and learn whether the client left.
+"""The worker's side of the jobs' streams: append messages, and learn which clients left.
 
-Runs on the engine thread with a blocking Redis client, one round trip per batch of messages.
+The scheduler thread never waits on Redis: it hands each step's messages to the `Publisher`,
+whose own thread writes everything that has piled up, for every job, in one pipeline that also
+reads every one of those jobs' cancel flags. When the scheduler says a job is done, its `Answer`
+resolves once the last of its messages is in Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
+import time
 from collections.abc import Sequence
 
 import redis
@@ -12,22 +20,118 @@ import redis
 from shared import keys
 from shared.jobs import Delta, Error, Final, encode
 
+log = logging.getLogger(__name__)
+
+Message = Delta | Final | Error
+
+
+class Answer:
+    """One job's side of publishing: what went out, whether the client left, when it ended.
+
+    Keeps choice 0's text (a run stores it as the reply) and, with `hold_final`, keeps `final`
+    back so the reply is stored before the client sees the end.
+    """
+
+    def __init__(self, job_id: str, hold_final: bool, loop: asyncio.AbstractEventLoop) -> None:
+        self.job_id = job_id
+        self.hold_final = hold_final
+        self.parts: list[str] = []
+        self.final: Final | None = None
+        self.first_token_at: float | None = None  # unix time
+        self.cancelled = False  # the client asked the job to stop
+        self.error: BaseException | None = None  # publishing failed
+        self._loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def outgoing(self, messages: Sequence[Message]) -> list[Message]:
+        """Record `messages` and return those to publish."""
+        out: list[Message] = []
+        for m in messages:
+            if isinstance(m, Delta):
+                if self.first_token_at is None:
+                    self.first_token_at = time.time()
+                if m.index == 0:
+                    self.parts.append(m.text)
+            elif isinstance(m, Final):
+                self.final = m
+                if self.hold_final:
+                    continue
+            out.append(m)
+        return out
+
+    def resolve(self) -> None:
+        self._loop.call_soon_threadsafe(_set_done, self.done)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
 
 class Publisher:
-    """Appends a job's messages to its Redis Stream."""
+    """A thread that writes queued messages to Redis, many jobs to one round trip."""
 
-    def __init__(self, client: redis.Redis, job_id: str, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client
-        self.job_id = job_id
         self.ttl_s = ttl_s
+        self._queue: queue.SimpleQueue[tuple[Answer, Sequence[Message], bool] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
+        self._thread.start()
 
-    def send(self, messages: Sequence[Delta | Final | Error]) -> bool:
-        """Publish `messages`; returns True when the client has asked the job to stop."""
-        stream = keys.stream(self.job_id)
+    def post(self, answer: object, messages: Sequence[Message], done: bool) -> None:
+        """Queue `messages` of `answer`'s job; `done`: the job has no more. Never blocks."""
+        assert isinstance(answer, Answer)
+        self._queue.put((answer, messages, done))
+
+    def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
+        """Publish `messages` as they are, at once, on the caller's thread; returns whether the
+        client asked to stop."""
+        return self._write([(answer.job_id, messages)])[answer.job_id]
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            batch = [i for i in items if i is not None]
+            try:
+                cancelled = self._write([(a.job_id, a.outgoing(m)) for a, m, _ in batch])
+                for answer, _, _ in batch:
+                    answer.cancelled = answer.cancelled or cancelled[answer.job_id]
+            except (redis.RedisError, OSError) as e:
+                log.warning("could not publish to Redis: %s", e)
+                for answer, _, _ in batch:
+                    answer.error, answer.cancelled = e, True
+            for answer, _, done in batch:
+                if done:
+                    answer.resolve()
+            if stop:
+                return
+
+    def _write(self, batch: Sequence[tuple[str, Sequence[Message]]]) -> dict[str, bool]:
+        """One pipeline: every message in order, then per job its stream's expiry and cancel flag."""
+        jobs: dict[str, None] = {}
         with self.client.pipeline(transaction=False) as pipe:
-            for message in messages:
-                pipe.xadd(stream, {"m": encode(message)})
-            pipe.expire(stream, self.ttl_s)
-            pipe.exists(keys.job_cancel(self.job_id))
+            for job_id, messages in batch:
+                jobs[job_id] = None
+                for message in messages:
+                    pipe.xadd(keys.stream(job_id), {"m": encode(message)})
+            for job_id in jobs:
+                pipe.expire(keys.stream(job_id), self.ttl_s)
+                pipe.exists(keys.job_cancel(job_id))
             results = pipe.execute()
-        return bool(results[-1])
+        flags = results[len(results) - 2 * len(jobs):]
+        return {job_id: bool(flags[2 * i + 1]) for i, job_id in enumerate(jobs)}

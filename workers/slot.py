@@ -71,7 +71,7 @@ class Slot:
             queue_name=keys.queue(model),
             redis_settings=redis_settings(self.redis_url),
             ctx={"ferry": state},
-            max_jobs=1,  # the engine runs one generation at a time; idle peers take the rest
+            max_jobs=state.settings.parallel,  # the scheduler batches them; more wait in Redis
             job_timeout=state.settings.job_timeout_s,
             keep_result=60,
             job_serializer=serialize,

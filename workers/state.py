@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from shared.liveness import Loaded
 from shared.settings import Settings
 from workers.engine import Engine
+from workers.publish import Publisher
 
 
 @dataclass
@@ -17,6 +17,6 @@ class WorkerState:
     settings: Settings
     redis: Redis
     engine: Engine
-    stream_client: SyncRedis  # blocking client the engine thread publishes with
+    publisher: Publisher  # writes every job's stream, off the scheduler thread
     worker_id: str
     usage: Loaded  # this model's entry in the worker's heartbeat: jobs in flight, last use

@@ -1,0 +1,85 @@
+"""Sampling inside llama.cpp: one sampler chain per sequence, and logprobs from raw logits.
+
+The chain follows llama.cpp's own order (common/sampling.cpp): logit bias, penalties, grammar,
+then top-k, top-p, min-p, temperature and a seeded draw, or greedy at temperature 0.
+`llama_sampler_sample` applies the chain to a batch row's logits and accepts the token it picks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import llama_cpp
+import numpy as np
+from llama_cpp import LlamaGrammar, llama_grammar
+from llama_cpp._internals import LlamaModel, LlamaSampler
+
+from shared.errors import InvalidRequest
+from shared.jobs import Sampling
+
+PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama-cpp-python did
+
+
+def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: LlamaGrammar | None,
+          seed: int | None, prompt: list[int]) -> LlamaSampler:
+    """A sampler chain for one sequence; the penalties have already seen the prompt's end."""
+    out = LlamaSampler()
+    n_vocab = model.n_vocab()
+    if bias:
+        out.add_logit_bias(n_vocab, bias)
+    if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+        out.add_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
+                          s.presence_penalty)
+        penalties = llama_cpp.llama_sampler_chain_get(
+            out.sampler, llama_cpp.llama_sampler_chain_n(out.sampler) - 1)
+        for token in prompt[-PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(penalties, token)
+    if grammar is not None:
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            model.vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not sampler:  # llama.cpp could not parse it
+            raise InvalidRequest("response_format schema cannot be enforced",
+                                 param="response_format")
+        llama_cpp.llama_sampler_chain_add(out.sampler, sampler)
+    if s.temperature <= 0:
+        out.add_greedy()
+        return out
+    if s.top_k > 0:
+        out.add_top_k(s.top_k)
+    if s.top_p < 1.0:
+        out.add_top_p(s.top_p, 1)
+    if s.min_p > 0.0:
+        out.add_min_p(s.min_p, 1)
+    out.add_temp(s.temperature)
+    out.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
+    return out
+
+
+@lru_cache(maxsize=64)
+def grammar(schema_json: str) -> LlamaGrammar:
+    """A grammar forcing JSON; `{}` means any object (json_object mode)."""
+    try:
+        if schema_json == "{}":
+            return LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    except Exception as e:  # llama-cpp-python raises bare ValueError/RuntimeError here
+        raise InvalidRequest(
+            f"response_format schema cannot be enforced: {e}", param="response_format"
+        ) from e
+
+
+def logprobs(ctx: llama_cpp.llama_context_p, row: int, n_vocab: int, token: int, top_n: int
+             ) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under batch row `row`'s raw logits, and the top `top_n`."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, row)
+    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                   shape=(n_vocab,))
+    shifted = logits - logits.max()
+    lse = float(np.log(np.exp(shifted).sum()))
+    top: list[tuple[int, float]] = []
+    if top_n:
+        best = np.argpartition(shifted, -top_n)[-top_n:]
+        best = best[np.argsort(shifted[best])[::-1]]
+        top = [(int(t), float(shifted[t]) - lse) for t in best]
+    return float(shifted[token]) - lse, top
