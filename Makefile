@@ -14,7 +14,7 @@ export CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CXXFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: install run test bench lint
+.PHONY: install run test bench lint peers
 
 install: $(STAMP)
 
@@ -32,10 +32,43 @@ run: install
 test: install
 	$(PY) -m pytest
 
-bench: install
+bench: install peers
 	$(PY) bench/stream.py
 
 lint: install
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check ferry functions workers shared tests bench
 	$(VENV)/bin/mypy ferry functions workers shared
+
+# `make peers` (benchmark only): llama.cpp's own llama-server and llama-batched-bench, built from the
+# llama.cpp vendored in the pinned llama-cpp-python sdist, for bench/stream.py to compare against.
+# `make peers GPU=1` builds them with CUDA (CUDA_ARCH=90: for sm_90 alone, a shorter build);
+# .peers/bin points at the variant built last.
+PEERS := .peers
+LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+PEERS_VARIANT := $(if $(filter 1,$(GPU)),cuda,cpu)
+PEERS_SRC := $(PEERS)/llama.cpp-$(LLAMA_CPP_PYTHON)
+PEERS_BUILD := $(PEERS)/build-$(LLAMA_CPP_PYTHON)-$(PEERS_VARIANT)
+# Static binaries, no tests/examples, no curl/OpenSSL, no web UI download; CFLAGS as above (no AMX).
+PEERS_CMAKE := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+	-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	-DGGML_CUDA=$(if $(filter 1,$(GPU)),ON,OFF) \
+	$(if $(and $(filter 1,$(GPU)),$(CUDA_ARCH)),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)) \
+	"-DCMAKE_C_FLAGS=$(CFLAGS)" "-DCMAKE_CXX_FLAGS=$(CXXFLAGS)"
+
+peers: $(PEERS_BUILD)/bin/llama-server
+	ln -sfn $(notdir $(PEERS_BUILD))/bin $(PEERS)/bin
+
+$(PEERS_BUILD)/bin/llama-server: $(PEERS_SRC)/CMakeLists.txt
+	cmake -S $(PEERS_SRC) -B $(PEERS_BUILD) $(PEERS_CMAKE)
+	cmake --build $(PEERS_BUILD) -j $(shell nproc 2>/dev/null || echo 2) \
+		--target llama-server llama-batched-bench
+
+$(PEERS_SRC)/CMakeLists.txt:
+	rm -rf $(PEERS)/sdist $(PEERS_SRC).tmp && mkdir -p $(PEERS)/sdist $(PEERS_SRC).tmp
+	python3 -m pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(PEERS)/sdist
+	tar -xzf $(PEERS)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(PEERS_SRC).tmp \
+		--strip-components=3 llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+	rm -rf $(PEERS_SRC) $(PEERS)/sdist && mv $(PEERS_SRC).tmp $(PEERS_SRC)

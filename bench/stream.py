@@ -1,14 +1,24 @@
-"""Streaming benchmark: Ferry's queue path against llama-cpp-python in-process, side by side.
+"""Streaming benchmark: Ferry against llama.cpp's own llama-server, side by side in one run.
 
-Both sides load the same GGUF with the same settings (context, batch, threads, logits) and serve
-one generation at a time; at concurrency C, C clients submit at once and wait their turn. Rounds
-alternate between the two sides so drift on a busy machine hits both alike. Prints TTFT p50/p95,
-per-stream decode tokens/s, and aggregate tokens/s, with Ferry/in-process ratios.
+Starts a private Redis, a Ferry worker and web process, and llama-server (built by `make peers`),
+all on loopback, with the same GGUF, threads, batch size and total context: one unified KV cache
+of --ctx tokens shared by --parallel sequences on both sides. At each concurrency level C, C
+clients stream /v1/completions at once (--tokens tokens each, greedy, ignore_eos). The prompts
+differ per client and round, so no prompt cache makes a stream trivial, and both sides get the
+same ones. Rounds alternate which side goes first, so drift on a busy machine hits both alike.
 
-    python bench/stream.py [--tokens 64] [--requests 8] [--levels 1 4 8] [--gpu N]
+    make peers          # once: .peers/bin/llama-server and llama-batched-bench
+    python bench/stream.py [--levels 1 4 8 16] [--tokens 128] [--rounds 2] [--parallel N]
+                           [--ctx 4096] [--threads N] [--gpu N] [--model-path GGUF]
+                           [--short N] [--batched-bench] [--logs DIR]
 
-With --gpu N both sides offload every layer to GPU N alone (the worker gets `--gpu N`);
-without it both run on the CPU.
+Prints one row per level: TTFT p50/p95 (submit -> first text), the median per-stream decode
+tokens/s (after the first token), aggregate tokens/s (all tokens / the level's wall time) for
+each side, and the ratios Ferry / llama-server. Tokens are the usage's completion_tokens on both
+sides. --short N also fires N streams of 4 tokens, 16 at a time, at each side and prints the wall
+times. --batched-bench first prints llama-batched-bench's table for the same GGUF: the engine with
+no server around it, the ceiling. --gpu N puts every layer on GPU N on both sides; without it both
+run on the CPU.
 """
 
 from __future__ import annotations
@@ -16,14 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import NoReturn
 
 import httpx
 import orjson
@@ -33,17 +47,29 @@ sys.path.insert(0, str(ROOT))
 
 from ferry.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from shared.models import resolve  # noqa: E402
-from shared.settings import Settings  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
-MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+PEERS = ROOT / ".peers" / "bin"
+BUNDLED = "smollm2-135m-instruct"
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+N_BATCH = 512  # FERRY_N_BATCH, and llama-server's -b and -ub (llama-cpp-python's n_ubatch is 512)
+SHORT_TOKENS, SHORT_CONCURRENCY = 4, 16
 
 
 @dataclass
 class Sample:
-    ttft_s: float  # submit -> first content token
+    ttft_s: float  # submit -> first non-empty text
     decode_tps: float  # tokens/s after the first token, for this stream
-    tokens: int
+    tokens: int  # usage.completion_tokens
+
+
+@dataclass
+class Run:
+    samples: list[Sample]
+    wall_s: float
+
+    @property
+    def aggregate_tps(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
 
 
 def pct(values: list[float], q: float) -> float:
@@ -51,160 +77,272 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(int(round(q * (len(ordered) - 1))), len(ordered) - 1)]
 
 
-# In-process: one Llama, one generation at a time, as a single-model server would hold it.
-
-class InProcess:
-    def __init__(self, settings: Settings, gpu: int | None) -> None:
-        import llama_cpp
-
-        # The same placement as a worker pinned with --gpu N (workers/engine.py), or none.
-        device = ({"n_gpu_layers": settings.n_gpu_layers, "main_gpu": gpu,
-                   "split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE} if gpu is not None
-                  else {"n_gpu_layers": 0})
-        path = resolve(MODEL, settings.models_path).path
-        self.llm = llama_cpp.Llama(
-            model_path=path, n_ctx=settings.ctx_len, n_batch=settings.n_batch,
-            n_threads=settings.n_threads, logits_all=settings.logprobs, verbose=False,
-            **device)  # type: ignore[arg-type]
-        self.lock = threading.Lock()
-        self.no_eos = {self.llm.token_eos(): float("-inf")}
-
-    def one(self, tokens: int, submitted: float) -> Sample:
-        with self.lock:
-            stamps = []
-            for chunk in self.llm.create_chat_completion(
-                messages=MESSAGES, max_tokens=tokens, temperature=0, stream=True,
-                logit_bias=self.no_eos,
-            ):
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    stamps.append(time.perf_counter())
-        return _sample(submitted, stamps)
-
-    async def run(self, concurrency: int, tokens: int) -> tuple[list[Sample], float]:
-        start = time.perf_counter()
-        samples = await asyncio.gather(*[
-            asyncio.to_thread(self.one, tokens, start) for _ in range(concurrency)
-        ])
-        return list(samples), time.perf_counter() - start
+def prompts(tag: str, count: int) -> list[str]:
+    """`count` distinct prompts; the same tag gives both sides the same set."""
+    return [f"[{tag}.{i}] {PROMPT}" for i in range(count)]
 
 
-# Ferry: real HTTP to `ferry web`, a real worker process, a real Redis.
+# One server under test: both speak OpenAI's streaming /v1/completions.
 
-class Ferry:
-    def __init__(self, url: str) -> None:
-        self.url = url
+@dataclass
+class Side:
+    name: str
+    url: str
+    model: str
 
-    async def one(self, client: httpx.AsyncClient, tokens: int, submitted: float) -> Sample:
-        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True}
-        stamps = []
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
+    def client(self, concurrency: int) -> httpx.AsyncClient:
+        # A fresh connection per request on both sides: llama-server answers a stream with
+        # `Keep-Alive` and then closes the connection, so a reused one fails (curl retries).
+        limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=0)
+        return httpx.AsyncClient(base_url=self.url, timeout=600, limits=limits)
+
+    async def stream(self, client: httpx.AsyncClient, prompt: str, tokens: int,
+                     submitted: float) -> Sample:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        stamps: list[float] = []
+        used = 0
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise RuntimeError(f"{self.name}: HTTP {r.status_code}: {r.text[:300]}")
             async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    choices = orjson.loads(line[6:])["choices"]
-                    if choices and choices[0]["delta"].get("content"):
-                        stamps.append(time.perf_counter())
-        return _sample(submitted, stamps)
+                if not line.startswith("data: {"):
+                    continue
+                chunk = orjson.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+        if not stamps or used != tokens:
+            raise RuntimeError(f"{self.name}: {used} tokens in {len(stamps)} chunks, "
+                               f"asked for {tokens}")
+        decode = (used - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+        return Sample(stamps[0] - submitted, decode, used)
 
-    async def run(self, concurrency: int, tokens: int) -> tuple[list[Sample], float]:
-        limits = httpx.Limits(max_connections=concurrency + 1)
-        async with httpx.AsyncClient(base_url=self.url, timeout=300, limits=limits) as client:
+    async def level(self, batch: list[str], tokens: int) -> Run:
+        """Every prompt submitted at once."""
+        async with self.client(len(batch)) as client:
             start = time.perf_counter()
-            samples = await asyncio.gather(*[
-                self.one(client, tokens, start) for _ in range(concurrency)
-            ])
-            return list(samples), time.perf_counter() - start
+            samples = await asyncio.gather(*(self.stream(client, p, tokens, start) for p in batch))
+            return Run(list(samples), time.perf_counter() - start)
+
+    async def short(self, count: int) -> float:
+        """`count` short streams, SHORT_CONCURRENCY in flight at a time; the wall time."""
+        gate = asyncio.Semaphore(SHORT_CONCURRENCY)
+
+        async def one(client: httpx.AsyncClient, prompt: str) -> None:
+            async with gate:
+                await self.stream(client, prompt, SHORT_TOKENS, time.perf_counter())
+
+        async with self.client(SHORT_CONCURRENCY) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(one(client, p) for p in prompts("short", count)))
+            return time.perf_counter() - start
 
 
-def _sample(submitted: float, stamps: list[float]) -> Sample:
-    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return Sample(stamps[0] - submitted, decode, len(stamps))
+# The processes: each in its own session, so Ctrl-C reaches only this script, which stops them.
+
+class Processes(ExitStack):
+    def __init__(self, logs: Path) -> None:
+        super().__init__()
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = self.enter_context((self.logs / f"{name}.log").open("wb"))
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = proc
+        self.callback(stop, proc)
+
+    def wait_healthy(self, name: str, url: str, timeout_s: float = 300) -> None:
+        """Until `url`/health answers 200; if any process exits first, its log's tail."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if dead := [n for n, proc in self.procs.items() if proc.poll() is not None]:
+                self.fail(dead[0], "exited")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.fail(name, f"not healthy after {timeout_s:.0f} s")
+
+    def fail(self, name: str, why: str) -> NoReturn:
+        tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-30:]
+        raise SystemExit(f"{name} {why}; the end of its log:\n" + "\n".join(tail))
 
 
-def start_ferry(env: dict[str, str], port: int, logs: Path, gpu: int | None
-                ) -> list[subprocess.Popen[bytes]]:
-    ferry = [sys.executable, "-m", "ferry"]
-    device = ["--gpu", str(gpu)] if gpu is not None else ["--cpu"]
-    procs = [
-        subprocess.Popen([*ferry, "worker", "--model", MODEL, *device], env=env, cwd=ROOT,
-                         stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
-        subprocess.Popen([*ferry, "web", "--port", str(port)], env=env, cwd=ROOT,
-                         stdout=(logs / "web.log").open("wb"), stderr=subprocess.STDOUT),
-    ]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return procs
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"Ferry did not start; see {logs}")
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
-async def measure(args: argparse.Namespace, inproc: InProcess, ferry: Ferry) -> None:
-    # Warm both sides (first-call allocations, page cache) before anything is timed.
-    await inproc.run(1, 8)
-    await ferry.run(1, 8)
-    results: dict[tuple[str, int], list[tuple[list[Sample], float]]] = {}
+@contextmanager
+def redis_url(env: dict[str, str], logs: Path) -> Iterator[str]:
+    """REDIS_URL from the environment, or a private Redis for this run."""
+    if env.get("REDIS_URL"):
+        yield env["REDIS_URL"]
+        return
+    redis = EmbeddedRedis(logs / "redis", persist=False)
+    try:
+        yield redis.start()
+    finally:
+        redis.stop()
+
+
+def start_ferry(procs: Processes, args: argparse.Namespace, model: str, url: str,
+                data_dir: Path) -> None:
+    env = dict(os.environ, REDIS_URL=url, FERRY_DATA_DIR=str(data_dir), FERRY_AUTH="false",
+               FERRY_CTX_LEN=str(args.ctx), FERRY_PARALLEL=str(args.parallel),
+               FERRY_N_THREADS=str(args.threads), FERRY_N_BATCH=str(N_BATCH), PYTHONUNBUFFERED="1")
+    ferry = [sys.executable, "-m", "ferry"]
+    device = ["--gpu", str(args.gpu)] if args.gpu is not None else ["--cpu"]
+    procs.start("ferry-worker", [*ferry, "worker", "--model", model, *device], env)
+    procs.start("ferry-web", [*ferry, "web", "--port", str(args.ferry_port)], env)
+
+
+def device_env(gpu: int | None) -> dict[str, str]:
+    """llama.cpp's binaries see GPU N alone, or none at all."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="" if gpu is None else str(gpu))
+
+
+def start_llama_server(procs: Processes, args: argparse.Namespace, gguf: str) -> None:
+    argv = [str(PEERS / "llama-server"), "-m", gguf, "--host", "127.0.0.1",
+            "--port", str(args.llama_port),
+            "-np", str(args.parallel), "-kvu", "-c", str(args.ctx),  # one cache, Ferry's size
+            "-b", str(N_BATCH), "-ub", str(N_BATCH),
+            "-t", str(args.threads), "-tb", str(args.threads),
+            "-ngl", "999" if args.gpu is not None else "0",
+            "--cache-ram", "0",  # no host-memory prompt cache: Ferry keeps none
+            "--no-webui"]
+    procs.start("llama-server", argv, device_env(args.gpu))
+
+
+def batched_bench(args: argparse.Namespace, gguf: str, logs: Path) -> None:
+    npl = ",".join(map(str, args.levels))
+    ctx = max(args.ctx, max(args.levels) * (128 + args.tokens))
+    argv = [str(PEERS / "llama-batched-bench"), "-m", gguf, "-c", str(ctx),
+            "-b", str(N_BATCH), "-ub", str(N_BATCH), "-npp", "128", "-ntg", str(args.tokens),
+            "-npl", npl, "-kvu", "-t", str(args.threads), "-tb", str(args.threads),
+            "-ngl", "999" if args.gpu is not None else "0"]
+    print("$ " + shlex.join(argv), flush=True)
+    with (logs / "batched-bench.log").open("wb") as log:
+        out = subprocess.run(argv, env=device_env(args.gpu), stdout=subprocess.PIPE, stderr=log,
+                             stdin=subprocess.DEVNULL, check=True, timeout=1800)
+    print(out.stdout.decode().strip() + "\n", flush=True)
+
+
+# Measuring and reporting.
+
+async def measure(args: argparse.Namespace, sides: list[Side]) -> dict[tuple[str, int], list[Run]]:
+    for side in sides:  # first-call allocations, page cache: before anything is timed
+        await side.level(prompts("warm", min(4, args.parallel)), 8)
+    results: dict[tuple[str, int], list[Run]] = {}
     for level in args.levels:
-        for _ in range(max(args.requests // level, 1)):
-            for name, side in (("in-process", inproc), ("ferry", ferry)):
-                results.setdefault((name, level), []).append(await side.run(level, args.tokens))
+        for rnd in range(args.rounds):
+            batch = prompts(f"{level}.{rnd}", level)
+            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                results.setdefault((side.name, level), []).append(
+                    await side.level(batch, args.tokens))
+    return results
 
-    device = f"GPU {args.gpu}" if args.gpu is not None else f"CPU, threads={inproc.llm.n_threads}"
-    print(f"\n{args.tokens} tokens per stream, {args.requests} streams per level, {device}\n")
-    head = (f"{'conc':>4} {'side':<11} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} "
-            f"{'stream tok/s':>13} {'aggregate tok/s':>16}")
+
+def summarize(runs: list[Run]) -> tuple[float, float, float, float]:
+    """TTFT p50 and p95 (ms), median per-stream tok/s, median aggregate tok/s."""
+    samples = [s for run in runs for s in run.samples]
+    ttft = [s.ttft_s * 1000 for s in samples]
+    return (pct(ttft, 0.5), pct(ttft, 0.95), statistics.median(s.decode_tps for s in samples),
+            statistics.median(run.aggregate_tps for run in runs))
+
+
+def report(args: argparse.Namespace, results: dict[tuple[str, int], list[Run]]) -> None:
+    device = f"GPU {args.gpu}" if args.gpu is not None else "CPU"
+    print(f"\n{args.tokens} tokens a stream, {args.rounds} rounds a level, {device}, "
+          f"threads={args.threads}, parallel={args.parallel}, ctx={args.ctx} (unified)\n")
+    print(f"{'':5}{'TTFT p50 ms':^16}{'TTFT p95 ms':^16}{'stream tok/s':^16}"
+          f"{'aggregate tok/s':^18}{'Ferry / llama-server':^28}")
+    head = (f"{'conc':>4} " + f"{'ferry':>7} {'llama':>7} " * 3 + f"{'ferry':>8} {'llama':>8} "
+            + f"{'aggr':>8} {'stream':>8} {'TTFT p50':>9}")
     print(head)
     print("-" * len(head))
-    summary: dict[tuple[str, int], tuple[float, float, float, float]] = {}
     for level in args.levels:
-        for name in ("in-process", "ferry"):
-            runs = results[(name, level)]
-            samples = [s for run, _ in runs for s in run]
-            ttft = [s.ttft_s * 1000 for s in samples]
-            per_stream = statistics.median(s.decode_tps for s in samples)
-            aggregate = statistics.median(sum(s.tokens for s in run) / wall for run, wall in runs)
-            row = (pct(ttft, 0.5), pct(ttft, 0.95), per_stream, aggregate)
-            summary[(name, level)] = row
-            print(f"{level:>4} {name:<11} {row[0]:>12.1f} {row[1]:>12.1f} {row[2]:>13.1f} "
-                  f"{row[3]:>16.1f}")
-        f, i = summary[("ferry", level)], summary[("in-process", level)]
-        print(f"{level:>4} {'ferry/inproc':<11} {f'{f[0] - i[0]:+.1f} ms':>12} "
-              f"{f'{f[1] - i[1]:+.1f} ms':>12} {f[2] / i[2]:>12.1%} {f[3] / i[3]:>15.1%}")
+        f, ll = summarize(results[("ferry", level)]), summarize(results[("llama-server", level)])
+        cells = "".join(f"{f[i]:>7.1f} {ll[i]:>7.1f} " for i in range(3))
+        print(f"{level:>4} {cells}{f[3]:>8.1f} {ll[3]:>8.1f} "
+              f"{f[3] / ll[3]:>8.1%} {f[2] / ll[2]:>8.1%} {f[0] / ll[0]:>8.2f}x")
     print()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--gpu", type=int, metavar="N", help="offload to GPU N (both sides)")
-    args = p.parse_args()
+async def short_mode(count: int, sides: list[Side]) -> None:
+    walls = {side.name: await side.short(count) for side in sides}
+    print(f"{count} short streams ({SHORT_TOKENS} tokens each, {SHORT_CONCURRENCY} at a time), wall: "
+          + ", ".join(f"{name} {wall:.2f} s" for name, wall in walls.items())
+          + f", ferry / llama-server {walls['ferry'] / walls['llama-server']:.2f}x\n")
 
-    with TemporaryDirectory() as tmp:
-        logs = Path(tmp)
-        env = dict(os.environ, FERRY_DATA_DIR=tmp, FERRY_CTX_LEN="2048", PYTHONUNBUFFERED="1")
-        redis = None
-        if not env.get("REDIS_URL"):
-            redis = EmbeddedRedis(logs / "redis", persist=False)
-            env["REDIS_URL"] = redis.start()
-        settings = Settings(_env_file=None, ctx_len=2048)
-        port = free_port()
-        procs = start_ferry(env, port, logs, args.gpu)
-        try:
-            inproc = InProcess(settings, args.gpu)
-            asyncio.run(measure(args, inproc, Ferry(f"http://127.0.0.1:{port}")))
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=15)
-            if redis is not None:
-                redis.stop()
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrencies")
+    p.add_argument("--tokens", type=int, default=128, help="tokens a stream")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each level on each side")
+    p.add_argument("--parallel", type=int, help="sequences a context holds (default: top level)")
+    p.add_argument("--ctx", type=int, default=4096, help="total context, shared by all sequences")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads, both sides")
+    p.add_argument("--gpu", type=int, metavar="N", help="every layer on GPU N (both sides)")
+    p.add_argument("--model-path", type=Path, metavar="GGUF", help=f"default: bundled {BUNDLED}")
+    p.add_argument("--short", type=int, metavar="N", help=f"also N streams of {SHORT_TOKENS} tokens")
+    p.add_argument("--batched-bench", action="store_true", help="run llama-batched-bench first")
+    p.add_argument("--logs", type=Path, help="keep every process's log here (default: discarded)")
+    args = p.parse_args()
+    args.parallel = args.parallel or max(args.levels)
+    if args.parallel * (args.tokens + 32) > args.ctx:
+        p.error(f"--ctx {args.ctx} is too small for {args.parallel} streams of {args.tokens} tokens")
+    for binary in ("llama-server", "llama-batched-bench"):
+        if not (PEERS / binary).is_file():
+            p.error(f"{PEERS / binary} is missing: run `make peers` first")
+    args.ferry_port, args.llama_port = free_port(), free_port()
+    return args
+
+
+def main() -> None:
+    args = parse()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on SIGTERM too
+    if args.model_path is not None:
+        record = resolve(str(args.model_path), Path("/nonexistent"))
+        gguf, ferry_model, model_id = record.path, str(args.model_path.resolve()), record.id
+    else:
+        gguf, ferry_model, model_id = resolve(BUNDLED, Path("/nonexistent")).path, BUNDLED, BUNDLED
+    with TemporaryDirectory(prefix="ferry-bench-") as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        if args.batched_bench:
+            batched_bench(args, gguf, logs)
+        with redis_url(dict(os.environ), logs) as url, Processes(logs) as procs:
+            start_ferry(procs, args, ferry_model, url, Path(tmp))
+            start_llama_server(procs, args, gguf)
+            procs.wait_healthy("ferry-web", f"http://127.0.0.1:{args.ferry_port}")
+            procs.wait_healthy("llama-server", f"http://127.0.0.1:{args.llama_port}")
+            sides = [Side("ferry", f"http://127.0.0.1:{args.ferry_port}", model_id),
+                     Side("llama-server", f"http://127.0.0.1:{args.llama_port}", model_id)]
+            report(args, asyncio.run(measure(args, sides)))
+            if args.short:
+                asyncio.run(short_mode(args.short, sides))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the servers are stopped by now
+        sys.exit(130)

@@ -34,10 +34,15 @@ def fleet(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     redis.Redis.from_url(fleet_env["REDIS_URL"]).flushdb()
     worker = start_worker({**fleet_env, "FERRY_MAX_LOADED_MODELS": "1"}, SMOLLM, logs / "a.log")
     web, url = start_web(fleet_env, logs / "web.log")
-    with httpx.Client(base_url=url, timeout=120) as http:
-        yield {"http": http, "worker": worker, "env": fleet_env, "logs": logs}
-    web.stop()
-    worker.stop()
+    fleet: dict[str, Any] = {"http": None, "worker": worker, "env": fleet_env, "logs": logs}
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            fleet["http"] = http
+            yield fleet
+    finally:
+        web.stop()
+        worker.stop()
+        fleet["worker"].stop()  # a test may have put a fresh worker in its place
 
 
 def workers(http: httpx.Client) -> list[dict[str, Any]]:

@@ -303,15 +303,16 @@ class Scheduler:
             self._finish(seq, "stop", "")
             return
         seq.run.usage.completion_tokens += 1
-        piece = self._piece(token)
+        offset = choice.text.decoded
+        text = choice.text.feed(self._piece(token))
         if choice.top_n is not None:
+            # The token's text is what it completed: a character split over tokens belongs to
+            # the last of them, so the tokens still add up to the content.
             lp, top = sampling.logprobs(self.ctx.ctx, seq.row, self.n_vocab, token, choice.top_n)
             choice.pending.append((
-                piece.decode(errors="replace"), lp,
-                {self._piece(t).decode(errors="replace"): v for t, v in top},
-                choice.text.decoded,
+                choice.text.last, lp,
+                {self._piece(t).decode(errors="replace"): v for t, v in top}, offset,
             ))
-        text = choice.text.feed(piece)
         if choice.text.stopped:
             self._finish(seq, "stop", text)
         elif group.max_tokens is not None and seq.generated >= group.max_tokens:

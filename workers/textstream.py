@@ -16,12 +16,13 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""  # decoded, but possibly the start of a stop string
         self.decoded = 0  # characters decoded so far: where the next token's text starts
+        self.last = ""  # what the last token decoded to ("" for the first bytes of a character)
         self.sent = 0  # characters released so far
         self.stopped = False
 
     def feed(self, piece: bytes) -> str:
         """Add one token's bytes; returns the text that may go out now (maybe empty)."""
-        text = self._decoder.decode(piece)
+        text = self.last = self._decoder.decode(piece)
         self.decoded += len(text)
         self._held += text
         return self._release(final=False)
