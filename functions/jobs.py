@@ -55,7 +55,7 @@ async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: S
     """Enqueue `job` on its model's queue, or fail fast with 429 / 503."""
     await wait_for_worker(redis, job.model, settings)
     now = timestamp_ms()
-    payload = serialize_job(GENERATE, (), {"job": job.model_dump()}, None, now,
+    payload = serialize_job(GENERATE, (), {"job": job.model_dump(mode="json")}, None, now,
                             serializer=serialize)
     admitted = await redis.register_script(ADMIT)(
         keys=[keys.queue(job.model), job_key_prefix + job.id],

@@ -191,7 +191,7 @@ class Scheduler:
                 self._start(run, group, free)
 
     def _start(self, run: Run, group: Group, free: list[Seq]) -> None:
-        first = max(free, key=lambda s: (_common_prefix(s.cache, group.tokens), s.last_used))
+        first = max(free, key=lambda s: _worth(s, group.tokens))
         keep = self._reusable(first, group.tokens)
         if not llama_cpp.llama_memory_seq_rm(self.memory, first.id, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, first.id, -1, -1)
@@ -386,6 +386,14 @@ class Scheduler:
             run.deltas = []
             self.post(run.answer, [], True)
         self.runs = []
+
+
+def _worth(seq: Seq, tokens: list[int]) -> tuple[int, float]:
+    """How good `seq` is for `tokens`: the cached tokens it reuses less twice those it throws
+    away, where that is a gain; otherwise (and among equals) the least recently used. So a shared
+    system prompt does not take a live conversation's cache."""
+    common = _common_prefix(seq.cache, tokens)
+    return max(common - 2 * (len(seq.cache) - common), 0), -seq.last_used
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
