@@ -67,7 +67,8 @@ class Settings(BaseSettings):
 
     # Model loading (Jan's defaults)
     ctx_len: int = Field(4096, ge=64, description="Context length per model")
-    n_batch: int = Field(512, ge=1, description="Prompt batch size")
+    n_batch: int = Field(
+        512, ge=1, description="Tokens decoded per step: generating sequences, then prompt chunks")
     n_threads: int | None = Field(
         None, ge=1, description="CPU threads (unset: every physical core, as llama.cpp counts)")
     n_gpu_layers: int = Field(-1, description="Layers to offload to the GPU (-1: all)")

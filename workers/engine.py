@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,7 +60,6 @@ class Engine:
         self.scheduler = Scheduler(model, ctx, settings.ctx_len, post)
         self.n_ctx = self.scheduler.n_ctx
         self.n_vocab = model.n_vocab()
-        self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(model.vocab, t)]
         self.formatter = _chat_formatter(model, record.chat_format)
 
     @classmethod
@@ -109,6 +109,12 @@ class Engine:
         if run.failed:
             raise RuntimeError("llama.cpp failed while decoding")
         return answer.final is None
+
+    @cached_property
+    def eog(self) -> list[int]:
+        """Every end-of-generation token, for `ignore_eos` (a walk over the vocabulary, done the
+        first time a job asks, not at every load)."""
+        return [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.model.vocab, t)]
 
     def _groups(self, job: GenerationJob) -> list[Group]:
         """The job as the scheduler takes it: per prompt, its tokens and one chain per choice."""

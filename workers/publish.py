@@ -88,9 +88,8 @@ class Publisher:
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
         self._thread.start()
 
-    def post(self, answer: object, messages: Sequence[Message], done: bool) -> None:
+    def post(self, answer: Answer, messages: Sequence[Message], done: bool) -> None:
         """Queue `messages` of `answer`'s job; `done`: the job has no more. Never blocks."""
-        assert isinstance(answer, Answer)
         self._queue.put((answer, messages, done))
 
     def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
