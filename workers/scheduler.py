@@ -311,7 +311,9 @@ class Scheduler:
             lp, top = sampling.logprobs(self.ctx.ctx, seq.row, self.n_vocab, token, choice.top_n)
             choice.pending.append((
                 choice.text.last, lp,
-                {self._piece(t).decode(errors="replace"): v for t, v in top}, offset,
+                # A part of a character shows its bytes (\xf0\x9f), so two parts do not
+                # collapse into one "\ufffd" key.
+                {self._piece(t).decode(errors="backslashreplace"): v for t, v in top}, offset,
             ))
         if choice.text.stopped:
             self._finish(seq, "stop", text)
