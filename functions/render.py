@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from functions.jobs import JobMeta
-from shared.jobs import Delta, Logprobs, Usage
+from shared.jobs import Delta, Logprobs, ToolCallDelta, Usage
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -70,7 +70,11 @@ class Renderer:
         if delta.index not in self._started:
             self._started.add(delta.index)
             body["role"] = "assistant"
-        if delta.text or "role" in body:
+        if delta.tool_call is not None:
+            if "role" in body:
+                body["content"] = None
+            body["tool_calls"] = [_tool_call_chunk(delta.tool_call)]
+        elif delta.text or "role" in body:
             body["content"] = delta.text
         choice = {
             "index": delta.index,
@@ -92,8 +96,14 @@ class Renderer:
         texts = [""] * choice_count
         finish: list[str | None] = [None] * choice_count
         logprobs: list[list[Logprobs] | None] = [None] * choice_count
+        calls: list[list[dict[str, Any]]] = [[] for _ in range(choice_count)]
         for d in deltas:
             texts[d.index] += d.text
+            if (tc := d.tool_call) is not None:
+                if tc.id is not None:
+                    calls[d.index].append({"id": tc.id, "type": "function",
+                                           "function": {"name": tc.name, "arguments": ""}})
+                calls[d.index][tc.index]["function"]["arguments"] += tc.arguments
             finish[d.index] = d.finish_reason or finish[d.index]
             if d.logprobs:
                 logprobs[d.index] = (logprobs[d.index] or []) + [d.logprobs]
@@ -101,9 +111,14 @@ class Renderer:
         for i in range(choice_count):
             merged = _merge(logprobs[i])
             if self.chat:
+                message: dict[str, Any] = {
+                    "role": "assistant", "content": texts[i] or (None if calls[i] else ""),
+                    "refusal": None}
+                if calls[i]:
+                    message["tool_calls"] = calls[i]
                 choices.append({
                     "index": i,
-                    "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                    "message": message,
                     "logprobs": {"content": _chat_logprobs(merged), "refusal": None}
                     if merged else None,
                     "finish_reason": finish[i] or "stop",
@@ -118,6 +133,14 @@ class Renderer:
         out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         out["usage"] = _usage(usage)
         return out
+
+
+def _tool_call_chunk(tc: ToolCallDelta) -> dict[str, Any]:
+    """A call's first chunk names it (arguments empty); the later ones carry arguments only."""
+    if tc.id is not None:
+        return {"index": tc.index, "id": tc.id, "type": "function",
+                "function": {"name": tc.name, "arguments": tc.arguments}}
+    return {"index": tc.index, "function": {"arguments": tc.arguments}}
 
 
 def _merge(parts: list[Logprobs] | None) -> Logprobs | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.users import ApiKey, User
 
@@ -54,10 +54,22 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments, as the model wrote it")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str | None
+    content: str | None = Field(description="null when the answer is only tool calls")
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class _Choice(BaseModel):

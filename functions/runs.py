@@ -25,7 +25,8 @@ from shared import keys, liveness, models, store
 from shared.errors import FerryError, InvalidRequest, NotFound
 from shared.jobs import GenerationJob, Reply, Sampling
 from shared.objects import FINISHED, Assistant, Message, Run, Thread, check_id, new_id, now
-from shared.thread_protocol import ListParams, RunCreate
+from shared.protocol import ToolDef, tools_for_job
+from shared.thread_protocol import ListParams, RunCreate, SubmitToolOutputs
 
 bp = Blueprint("runs", __name__)
 
@@ -36,26 +37,74 @@ DEFAULT_RESERVE = 512  # tokens kept free for the answer when a run names no lim
 @bp.post("/threads/<thread_id>/runs")
 @operation("Run an assistant on a thread", body=RunCreate, response=Run, media=STREAM)
 async def create(thread_id: str) -> Any:
-    st = state()
     thread = await owned_thread(thread_id)
     body = await parse_body(RunCreate)
     assistant = await _assistant(body.assistant_id or thread.assistant_id)
-    record = await _model(body.model or thread.model or assistant.model or st.settings.default_model)
+    record = await _model(body.model or thread.model or assistant.model
+                          or state().settings.default_model)
     instructions = "\n\n".join(
         t for t in (body.instructions or assistant.instructions, body.additional_instructions) if t
     ) or None
-    run_id, message_id = new_id("run"), new_id("msg")
+    tools = body.tools if body.tools is not None else [ToolDef.model_validate(t)
+                                                       for t in assistant.tools]
+    choice = body.tool_choice or "auto"
+    tools_for_job(tools, choice if tools else None, body.parallel_tool_calls)  # 400s come now
+    run = Run(id=new_id("run"), owner=caller(), thread_id=thread.id, assistant_id=assistant.id,
+              model=record.id, instructions=instructions, job_id="", metadata=body.metadata,
+              tools=[t.model_dump(exclude_none=True) for t in tools],
+              tool_choice=choice if isinstance(choice, str) else choice.model_dump(),
+              parallel_tool_calls=body.parallel_tool_calls, temperature=body.temperature,
+              top_p=body.top_p, max_completion_tokens=body.max_completion_tokens)
+    await store.create_run(state().redis, run)
+    return await _generate(run, thread, assistant, record, body.stream)
+
+
+@bp.post("/threads/<thread_id>/runs/<run_id>/submit_tool_outputs")
+@operation("Give a run the results of the tools it called", body=SubmitToolOutputs, response=Run,
+           media=STREAM)
+async def submit_tool_outputs(thread_id: str, run_id: str) -> Any:
+    thread = await owned_thread(thread_id)
+    run = await _owned_run(thread_id, run_id)
+    body = await parse_body(SubmitToolOutputs)
+    if run.status != "requires_action" or run.required_action is None:
+        raise InvalidRequest(f"Runs in status '{run.status}' do not accept tool outputs",
+                             param="run_id")
+    asked = [c["id"] for c in run.required_action["submit_tool_outputs"]["tool_calls"]]
+    given = [o.tool_call_id for o in body.tool_outputs]
+    if sorted(given) != sorted(asked):
+        raise InvalidRequest(f"Expected one output for each of the calls {asked}, got {given}",
+                             param="tool_outputs")
+    turns = [{"role": "tool", "tool_call_id": o.tool_call_id, "content": o.output}
+             for o in body.tool_outputs]
+    run = await store.update_run(state().redis, run.id, status="queued", required_action=None,
+                                 tool_turns=run.tool_turns + turns) or run
+    if run.status != "queued":  # cancelled meanwhile
+        raise InvalidRequest(f"Runs in status '{run.status}' do not accept tool outputs",
+                             param="run_id")
+    return await _generate(run, thread, await _assistant(run.assistant_id),
+                           await _model(run.model), body.stream)
+
+
+async def _generate(run: Run, thread: Thread, assistant: Assistant, record: models.ModelRecord,
+                    stream: bool) -> Any:
+    """Queue the run's next answer: to the thread, then to this run's calls and their results.
+    The worker stores a text answer as the thread's message, or calls as `requires_action`."""
+    st = state()
+    message_id = new_id("msg")
+    # A forced or required tool choice holds for the run's first answer; after the results it
+    # is the model's turn to answer or call again (else a run could never complete).
+    choice = run.tool_choice if not run.tool_turns or run.tool_choice == "none" else "auto"
     job = GenerationJob(
         id=new_id("job"), model=record.id, kind="chat",
-        messages=await _prompt(thread, instructions, record, body.max_completion_tokens),
-        sampling=_sampling(assistant, body),
+        messages=await _prompt(thread, run.instructions, record, run.max_completion_tokens)
+        + run.tool_turns,
+        sampling=_sampling(assistant, run),
+        tools=tools_for_job([ToolDef.model_validate(t) for t in run.tools],
+                            choice if run.tools else None, run.parallel_tool_calls),
         reply=Reply(thread_id=thread.id, owner=thread.owner, assistant_id=assistant.id,
-                    run_id=run_id, message_id=message_id),
+                    run_id=run.id, message_id=message_id),
     )
-    run = Run(id=run_id, owner=caller(), thread_id=thread.id, assistant_id=assistant.id,
-              model=record.id, instructions=instructions, job_id=job.id,
-              metadata=body.metadata)
-    await store.create_run(st.redis, run)
+    run = await store.update_run(st.redis, run.id, job_id=job.id) or run
     meta = JobMeta(id=job.id, kind="chat", model=record.id, created=int(time.time()))
     try:
         await submit(st.redis, job, meta, st.settings)
@@ -63,12 +112,13 @@ async def create(thread_id: str) -> Any:
         await store.update_run(st.redis, run.id, status="failed", failed_at=now(),
                                last_error={"code": e.code, "message": e.message})
         raise
-    run = await store.update_run(st.redis, run.id, status="in_progress", started_at=now()) or run
-    if not body.stream:
+    run = await store.update_run(st.redis, run.id, when={"queued"}, status="in_progress",
+                                 started_at=run.started_at or now()) or run
+    if not stream:
         return run.public()
-    stream = JobStream(st.redis, job.id, record.id, st.settings, cancel_on_exit=False)
+    events = JobStream(st.redis, job.id, record.id, st.settings, cancel_on_exit=False)
     return await sse.respond_after_first(
-        _events(run, message_id, stream), st.settings.keepalive_s,
+        _events(run, message_id, events), st.settings.keepalive_s,
         done=Event("[DONE]", name="done"), error_name="error",
     )
 
@@ -91,7 +141,10 @@ async def get(thread_id: str, run_id: str) -> Any:
 async def cancel(thread_id: str, run_id: str) -> Any:
     st = state()
     run = await _owned_run(thread_id, run_id)
-    if run.status not in FINISHED:
+    if run.status == "requires_action":  # nothing runs: it ends now
+        run = await store.update_run(st.redis, run.id, status="cancelled", cancelled_at=now(),
+                                     required_action=None) or run
+    elif run.status not in FINISHED:
         await st.redis.set(keys.job_cancel(run.job_id), b"1", ex=st.settings.stream_ttl_s)
         run = await store.update_run(st.redis, run.id, status="cancelling") or run
     return run.public()
@@ -107,13 +160,16 @@ async def _events(run: Run, message_id: str, stream: JobStream) -> AsyncIterator
             async for item in stream:
                 if item is None:
                     yield None
-                    continue
-                text = {"index": 0, "type": "text", "text": {"value": item[1].text}}
-                yield Event({"id": message_id, "object": "thread.message.delta",
-                             "delta": {"content": [text]}}, id=item[0], name="thread.message.delta")
-        thread = await store.get(redis, Thread, run.thread_id, run.owner)
-        message = await store.get_message(redis, thread, message_id)
-        yield Event(message.public(), name="thread.message.completed")
+                elif item[1].text:
+                    text = {"index": 0, "type": "text", "text": {"value": item[1].text}}
+                    yield Event({"id": message_id, "object": "thread.message.delta",
+                                 "delta": {"content": [text]}}, id=item[0],
+                                name="thread.message.delta")
+        done = await store.get(redis, Run, run.id, run.owner)
+        if done.status != "requires_action":
+            thread = await store.get(redis, Thread, run.thread_id, run.owner)
+            message = await store.get_message(redis, thread, message_id)
+            yield Event(message.public(), name="thread.message.completed")
     except FerryError as e:  # cancelled or failed: the worker has recorded it on the run
         yield Event(e.to_dict(), name="error")
     done = await store.get(redis, Run, run.id, run.owner)
@@ -178,13 +234,13 @@ async def _prompt(thread: Thread, instructions: str | None, record: models.Model
     return system + [{"role": m.role, "content": m.text} for m in reversed(kept)]
 
 
-def _sampling(assistant: Assistant, body: RunCreate) -> Sampling:
+def _sampling(assistant: Assistant, run: Run) -> Sampling:
     params = {k: v for k, v in assistant.parameters.items() if k in Sampling.model_fields}
     for name in ("temperature", "top_p"):
-        if getattr(body, name) is not None:
-            params[name] = getattr(body, name)
-    if body.max_completion_tokens:
-        params["max_tokens"] = body.max_completion_tokens
+        if getattr(run, name) is not None:
+            params[name] = getattr(run, name)
+    if run.max_completion_tokens:
+        params["max_tokens"] = run.max_completion_tokens
     try:
         return Sampling.model_validate(params)
     except ValueError as e:

@@ -4,8 +4,8 @@ A job travels as arq's one keyword argument ``job`` (a plain dict, serialised wi
 Its messages are entries of a Redis Stream (``keys.stream(job_id)``), each a field ``m`` holding
 one JSON message from a closed set:
 
-- ``delta``  a piece of one choice's text (and its logprobs); the last one of a choice carries
-             ``finish_reason``
+- ``delta``  a piece of one choice's text (and its logprobs), or of one of its tool calls; the
+             last one of a choice carries ``finish_reason``
 - ``final``  the job is done; carries usage
 - ``error``  the job failed; carries an OpenAI-style error with its HTTP status
 
@@ -49,6 +49,19 @@ class Reply(BaseModel):
     run_id: str | None = None
 
 
+class Tools(BaseModel):
+    """The tools a chat job may call, and how: `choice` is auto, required, or a tool's name
+    (`tool_choice: none` sends no tools at all)."""
+
+    functions: list[dict[str, Any]]  # OpenAI's `function` objects: name, description, parameters
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def named(self) -> dict[str, Any] | None:
+        return next((f for f in self.functions if f["name"] == self.choice), None)
+
+
 class GenerationJob(BaseModel):
     """One chat or text completion request, as a worker runs it."""
 
@@ -62,6 +75,7 @@ class GenerationJob(BaseModel):
     sampling: Sampling = Sampling()
     logprobs: int | None = None  # number of top alternatives; None: no logprobs
     json_schema: dict[str, Any] | None = None  # {} means any JSON object (json_object mode)
+    tools: Tools | None = None
     reply: Reply | None = None  # store choice 0 as an assistant message before `final`
 
     @property
@@ -78,12 +92,22 @@ class Logprobs(BaseModel):
     text_offset: list[int]
 
 
+class ToolCallDelta(BaseModel):
+    """A piece of one tool call: its first carries `id` and `name`, later ones `arguments`."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(BaseModel):
     kind: Literal["delta"] = "delta"
     index: int
     text: str = ""
+    tool_call: ToolCallDelta | None = None
     logprobs: Logprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class Usage(BaseModel):

@@ -73,6 +73,7 @@ class Assistant(Stored):
     avatar: str | None = None
     settings: dict[str, Any] = {}  # Jan: per-assistant model settings (ctx_len, ...)
     parameters: dict[str, Any] = {}  # Jan: default sampling parameters (temperature, ...)
+    tools: list[dict[str, Any]] = []  # OpenAI's: [{"type": "function", "function": {...}}]
 
 
 class Thread(Stored):
@@ -124,7 +125,8 @@ class Message(Stored):
         return [ContentPart(text=TextContent(value=text))]
 
 
-RunStatus = Literal["queued", "in_progress", "completed", "cancelling", "cancelled", "failed"]
+RunStatus = Literal["queued", "in_progress", "requires_action", "completed", "cancelling",
+                    "cancelled", "failed"]
 FINISHED: set[str] = {"completed", "cancelled", "failed"}
 
 
@@ -142,9 +144,18 @@ class Run(Stored):
     failed_at: int | None = None
     last_error: dict[str, Any] | None = None
     usage: dict[str, int] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] = []
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    # {"type": "submit_tool_outputs", "submit_tool_outputs": {"tool_calls": [...]}}
+    required_action: dict[str, Any] | None = None
+    tool_turns: list[dict[str, Any]] = []  # this run's calls and their results, for the prompt
 
     def public(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"owner", "job_id"})
+        return self.model_dump(exclude={"owner", "job_id", "tool_turns"})
 
 
 class MetadataField(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.errors import InvalidRequest
-from shared.jobs import GenerationJob, Sampling
+from shared.jobs import GenerationJob, Sampling, Tools
 
 MAX_CHOICES = 16
 MAX_STOP = 16
@@ -23,12 +23,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     def as_text(self) -> dict[str, Any]:
         """The message for a chat template: content flattened to one string."""
@@ -40,7 +53,72 @@ class ChatMessage(BaseModel):
         out: dict[str, Any] = {"role": role, "content": text}
         if self.name:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # arguments always match the schema here (a grammar holds them)
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def tools_for_job(tools: list[ToolDef] | None, choice: ToolChoice | str | dict[str, Any] | None,
+                  parallel: bool) -> Tools | None:
+    """The job's tools, checked: None when there are none to call."""
+    if isinstance(choice, dict):
+        choice = NamedToolChoice.model_validate(choice)
+    if not tools:
+        if choice not in (None, "none"):
+            raise InvalidRequest("tool_choice is only allowed when tools are given",
+                                 param="tool_choice")
+        return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) < len(names):
+        raise InvalidRequest("Tool names must be unique", param="tools")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names '{choice.function.name}', which is not in "
+                                 "tools", param="tool_choice")
+        name = choice.function.name
+    else:
+        name = choice or "auto"
+    if name == "none":
+        return None
+    return Tools(functions=[t.function.model_dump(exclude_none=True) for t in tools],
+                 choice=name, parallel=parallel)
+
+
+def check_tool_messages(messages: list[ChatMessage]) -> None:
+    """Every tool result answers a call made earlier in the conversation."""
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        calls.update(c.id for c in m.tool_calls or [])
+        if m.role == "tool" and m.tool_call_id not in calls:
+            raise InvalidRequest(
+                f"messages[{i}] is a tool result for call {m.tool_call_id!r}, which no earlier "
+                "assistant message made", param=f"messages[{i}].tool_call_id")
 
 
 class JsonSchemaFormat(BaseModel):
@@ -148,12 +226,27 @@ class ChatCompletionRequest(_CompletionBase):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: list[Any] | None = None  # deprecated by OpenAI: refused, see tools
 
     @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.functions is not None:
+            raise InvalidRequest("functions is deprecated and not supported; use tools",
+                                 param="functions")
+        check_tool_messages(self.messages)
+        if self.tool_set() is not None and self._json_schema() is not None:
+            raise InvalidRequest("response_format cannot hold together with tools (a reply is "
+                                 "either a call or that format); use tool_choice none, or a tool "
+                                 "whose parameters are the format", param="response_format")
         return self
+
+    def tool_set(self) -> Tools | None:
+        return tools_for_job(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def to_job(self, model: str) -> GenerationJob:
         return GenerationJob(
@@ -165,6 +258,7 @@ class ChatCompletionRequest(_CompletionBase):
             sampling=self._sampling(self.max_completion_tokens or self.max_tokens),
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             json_schema=self._json_schema(),
+            tools=self.tool_set(),
         )
 
 

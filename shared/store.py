@@ -172,8 +172,10 @@ async def list_runs(redis: Redis, thread: Thread, **paging: Any) -> dict[str, An
     return await page(redis, keys.thread_runs(thread.id), _objects(redis, Run), **paging)
 
 
-async def update_run(redis: Redis, run_id: str, **changes: Any) -> Run | None:
-    """Apply `changes` unless the run already finished (a finished run never changes again)."""
+async def update_run(redis: Redis, run_id: str, when: set[str] | None = None, **changes: Any
+                     ) -> Run | None:
+    """Apply `changes` unless the run already finished (a finished run never changes again),
+    or is not in one of the statuses `when` names."""
     key = keys.obj("run", run_id)
     async with redis.pipeline(transaction=True) as pipe:
         while True:
@@ -183,7 +185,7 @@ async def update_run(redis: Redis, run_id: str, **changes: Any) -> Run | None:
                 if raw is None:
                     return None
                 run = Run.model_validate_json(raw)
-                if run.status in FINISHED:
+                if run.status in FINISHED or (when is not None and run.status not in when):
                     return run
                 run = run.model_copy(update=changes)
                 pipe.multi()
@@ -206,6 +208,18 @@ async def store_reply(redis: Redis, reply: Reply, text: str, usage: Usage) -> No
                          usage={"prompt_tokens": usage.prompt_tokens,
                                 "completion_tokens": usage.completion_tokens,
                                 "total_tokens": usage.total_tokens})
+
+
+async def require_action(redis: Redis, reply: Reply, text: str, calls: list[dict[str, Any]]
+                         ) -> None:
+    """A run's answer called tools: it waits for their outputs (submit_tool_outputs)."""
+    assert reply.run_id is not None
+    run = await redis.get(keys.obj("run", reply.run_id))
+    turns = Run.model_validate_json(run).tool_turns if run is not None else []
+    turn = {"role": "assistant", "content": text or None, "tool_calls": calls}
+    await update_run(redis, reply.run_id, status="requires_action", tool_turns=[*turns, turn],
+                     required_action={"type": "submit_tool_outputs",
+                                      "submit_tool_outputs": {"tool_calls": calls}})
 
 
 async def end_run(redis: Redis, reply: Reply, outcome: str, error: dict[str, Any] | None) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.objects import MetadataField, check_id
-from shared.protocol import TextPart
+from shared.protocol import TextPart, ToolChoice, ToolDef
 
 
 class _Body(MetadataField):
@@ -22,6 +22,7 @@ class AssistantCreate(_Body):
     avatar: str | None = Field(None, max_length=2048)
     settings: dict[str, Any] = {}
     parameters: dict[str, Any] = {}
+    tools: list[ToolDef] = Field([], max_length=128)  # functions only: Ferry runs no code
 
 
 class AssistantModify(AssistantCreate):
@@ -85,6 +86,19 @@ class RunCreate(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    tools: list[ToolDef] | None = Field(None, max_length=128)  # None: the assistant's
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+
+class ToolOutput(BaseModel):
+    tool_call_id: str
+    output: str = ""
+
+
+class SubmitToolOutputs(_Body):
+    tool_outputs: list[ToolOutput] = Field(min_length=1)
+    stream: bool = False
 
 
 class ConversationCreate(_Body):

@@ -8,13 +8,11 @@ put the job's last message in Redis. Many jobs run at once, one sequence per cho
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, cast
 
 import jinja2
 import llama_cpp
@@ -26,10 +24,11 @@ from shared.errors import ContextLengthExceeded, InvalidRequest
 from shared.jobs import GenerationJob
 from shared.models import ModelRecord
 from shared.settings import Settings
-from workers import sampling
+from workers import sampling, tools
 from workers.publish import Answer
 from workers.scheduler import Choice, Group, Post, Run, Scheduler
 from workers.textstream import TextStream
+from workers.toolparse import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ class Prompt:
     index: int  # first choice index this prompt answers
     tokens: list[int]
     stop: list[str]
+    tools: tools.Plan | None = None
 
 
 class Engine:
@@ -60,6 +60,8 @@ class Engine:
         self.scheduler = Scheduler(model, ctx, settings.ctx_len, post)
         self.n_ctx = self.scheduler.n_ctx
         self.n_vocab = model.n_vocab()
+        self.template = None if record.chat_format else model.metadata().get(
+            "tokenizer.chat_template")
         self.formatter = _chat_formatter(model, record.chat_format)
 
     @classmethod
@@ -120,8 +122,9 @@ class Engine:
         """The job as the scheduler takes it: per prompt, its tokens and one chain per choice."""
         prompts = self._prompts(job)
         s = job.sampling
-        grammar = sampling.grammar(json.dumps(job.json_schema)) if job.json_schema is not None \
-            else None
+        plan = prompts[0].tools
+        grammar = sampling.schema_grammar(job.json_schema) if job.json_schema is not None \
+            else plan.grammar if plan is not None else None
         bias = dict(s.logit_bias)
         if bad := [t for t in bias if not 0 <= t < self.n_vocab]:
             raise InvalidRequest(f"logit_bias has token ids out of range: {bad[:5]}",
@@ -138,6 +141,8 @@ class Engine:
                                          None if s.seed is None else s.seed + j, p.tokens),
                     text=TextStream([*s.stop, *p.stop]),
                     top_n=job.logprobs,
+                    tools=ToolStream(p.tools.format(), p.tools.parallel)
+                    if p.tools is not None and p.tools.format is not None else None,
                 )
                 for j in range(job.n)
             ]
@@ -152,22 +157,27 @@ class Engine:
                     f"Model '{self.record.id}' has no chat template; use /v1/completions",
                     param="model",
                 )
+            plan = tools.plan(job.messages, job.tools, self.template, self._single_token)
             try:
-                result = self.formatter(messages=cast(Any, job.messages))
-            except (jinja2.TemplateError, ValueError) as e:
+                result = tools.render(self.formatter, plan)
+            except (jinja2.TemplateError, ValueError, TypeError) as e:
                 raise InvalidRequest(f"The chat template refused the messages: {e}",
                                      param="messages") from e
             tokens = self.model.tokenize(
                 result.prompt.encode(), add_bos=not result.added_special, special=True
             )
             stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
-            prompts = [Prompt(0, tokens, [s for s in stops if s])]
+            prompts = [Prompt(0, tokens, [s for s in stops if s], plan)]
         else:
             prompts = [Prompt(i * job.n, self._prompt_tokens(p), [])
                        for i, p in enumerate(job.prompts)]
         for p in prompts:
             self._check_fits(len(p.tokens), job)
         return prompts
+
+    def _single_token(self, text: str) -> int | None:
+        tokens = self.model.tokenize(text.encode(), add_bos=False, special=True)
+        return tokens[0] if len(tokens) == 1 else None
 
     def _prompt_tokens(self, text: str) -> list[int]:
         """An empty prompt starts from BOS, as llama.cpp's server does; llama.cpp needs a token."""

@@ -34,7 +34,10 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     if gen.reply is not None:
         if outcome == "completed" and answer.final is not None:
             # Stored before `final` goes out, so a client that sees the end finds the message.
-            await store.store_reply(st.redis, gen.reply, answer.text, answer.final.usage)
+            if answer.tool_calls and gen.reply.run_id:
+                await store.require_action(st.redis, gen.reply, answer.text, answer.tool_calls)
+            else:
+                await store.store_reply(st.redis, gen.reply, answer.text, answer.final.usage)
         elif outcome != "completed":
             await store.end_run(st.redis, gen.reply, outcome, last.model_dump() if last else None)
     if last is not None:

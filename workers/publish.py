@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -33,14 +34,15 @@ WRITE_EVERY_S = 0.02
 class Answer:
     """One job's side of publishing: what went out, whether the client left, when it ended.
 
-    Keeps choice 0's text (a run stores it as the reply) and, with `hold_final`, keeps `final`
-    back so the reply is stored before the client sees the end.
+    Keeps choice 0's text and tool calls (a run stores them as the reply) and, with
+    `hold_final`, keeps `final` back so the reply is stored before the client sees the end.
     """
 
     def __init__(self, job_id: str, hold_final: bool, loop: asyncio.AbstractEventLoop) -> None:
         self.job_id = job_id
         self.hold_final = hold_final
         self.parts: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []  # choice 0's, as OpenAI shows them
         self.final: Final | None = None
         self.first_token_at: float | None = None  # unix time
         self.cancelled = False  # the client asked the job to stop
@@ -61,6 +63,11 @@ class Answer:
                     self.first_token_at = time.time()
                 if m.index == 0:
                     self.parts.append(m.text)
+                    if (tc := m.tool_call) is not None:
+                        if tc.id is not None:
+                            self.tool_calls.append({"id": tc.id, "type": "function", "function": {
+                                "name": tc.name, "arguments": ""}})
+                        self.tool_calls[tc.index]["function"]["arguments"] += tc.arguments
             elif isinstance(m, Final):
                 self.final = m
                 if self.hold_final:

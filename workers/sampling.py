@@ -8,11 +8,14 @@ then top-k, top-p, min-p, temperature and a seeded draw, or greedy at temperatur
 from __future__ import annotations
 
 import ctypes
+import json
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import LlamaGrammar, llama_grammar
+from llama_cpp import llama_grammar
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
 from shared.errors import InvalidRequest
@@ -21,7 +24,18 @@ from shared.jobs import Sampling
 PENALTY_LAST_N = 64  # tokens the penalties look back over, as llama-cpp-python did
 
 
-def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: LlamaGrammar | None,
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar; with `patterns` or `tokens` it is lazy: idle until a pattern matches the
+    text (from its first group, else the match) or a token is sampled."""
+
+    gbnf: str
+    patterns: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()
+    param: str = "response_format"  # the request field it came from, for errors
+
+
+def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: Grammar | None,
           seed: int | None, prompt: list[int]) -> LlamaSampler:
     """A sampler chain for one sequence; the penalties have already seen the prompt's end."""
     out = LlamaSampler()
@@ -36,12 +50,7 @@ def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: Llama
         for token in prompt[-PENALTY_LAST_N:]:
             llama_cpp.llama_sampler_accept(penalties, token)
     if grammar is not None:
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            model.vocab, grammar._grammar.encode(), grammar._root.encode())
-        if not sampler:  # llama.cpp could not parse it
-            raise InvalidRequest("response_format schema cannot be enforced",
-                                 param="response_format")
-        llama_cpp.llama_sampler_chain_add(out.sampler, sampler)
+        llama_cpp.llama_sampler_chain_add(out.sampler, _grammar_sampler(model, grammar))
     if s.temperature <= 0:
         out.add_greedy()
         return out
@@ -56,17 +65,33 @@ def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: Llama
     return out
 
 
+def _grammar_sampler(model: LlamaModel, g: Grammar) -> llama_cpp.llama_sampler_p:
+    if g.patterns or g.tokens:
+        patterns = (ctypes.c_char_p * len(g.patterns))(*(p.encode() for p in g.patterns))
+        tokens = (llama_cpp.llama_token * len(g.tokens))(*g.tokens)
+        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, g.gbnf.encode(), b"root", patterns, len(g.patterns), tokens,
+            len(g.tokens))
+    else:
+        sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, g.gbnf.encode(), b"root")
+    if not sampler:  # llama.cpp could not parse it
+        raise InvalidRequest(f"The {g.param} schema cannot be enforced", param=g.param)
+    return sampler
+
+
+def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> Grammar:
+    """A grammar forcing JSON that `schema` accepts; `{}` means any object (json_object mode)."""
+    return _schema_grammar(json.dumps(schema), param)
+
+
 @lru_cache(maxsize=64)
-def grammar(schema_json: str) -> LlamaGrammar:
-    """A grammar forcing JSON; `{}` means any object (json_object mode)."""
+def _schema_grammar(schema_json: str, param: str) -> Grammar:
     try:
         if schema_json == "{}":
-            return LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
-        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+            return Grammar(llama_grammar.JSON_GBNF, param=param)
+        return Grammar(llama_grammar.json_schema_to_gbnf(schema_json), param=param)
     except Exception as e:  # llama-cpp-python raises bare ValueError/RuntimeError here
-        raise InvalidRequest(
-            f"response_format schema cannot be enforced: {e}", param="response_format"
-        ) from e
+        raise InvalidRequest(f"The {param} schema cannot be enforced: {e}", param=param) from e
 
 
 def logprobs(ctx: llama_cpp.llama_context_p, row: int, n_vocab: int, token: int, top_n: int

@@ -29,9 +29,10 @@ from typing import Any, Protocol
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
-from shared.jobs import Delta, Final, Logprobs, Usage
+from shared.jobs import Delta, Final, Logprobs, ToolCallDelta, Usage
 from workers import sampling
 from workers.textstream import TextStream
+from workers.toolparse import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Choice:
     chain: LlamaSampler
     text: TextStream
     top_n: int | None  # logprobs alternatives asked for; None: no logprobs
+    tools: ToolStream | None = None  # reads tool calls out of the text; None: plain text
     pending: list[tuple[str, float, dict[str, float], int]] = field(default_factory=list)
 
 
@@ -124,7 +126,7 @@ class Scheduler:
         self.seqs = [Seq(i) for i in range(llama_cpp.llama_n_seq_max(ctx.ctx))]
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.runs: list[Run] = []
-        self.pieces: dict[int, bytes] = {}
+        self.pieces: dict[tuple[int, bool], bytes] = {}
         self._buf = ctypes.create_string_buffer(64)
         self.inbox: queue.SimpleQueue[Run | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -304,7 +306,8 @@ class Scheduler:
             return
         seq.run.usage.completion_tokens += 1
         offset = choice.text.decoded
-        text = choice.text.feed(self._piece(token))
+        # Tool formats may start with a special token (Mistral's [TOOL_CALLS]): keep its text.
+        text = choice.text.feed(self._piece(token, special=choice.tools is not None))
         if choice.top_n is not None:
             # The token's text is what it completed: a character split over tokens belongs to
             # the last of them, so the tokens still add up to the content.
@@ -313,9 +316,10 @@ class Scheduler:
                 choice.text.last, lp,
                 # A part of a character shows its bytes (\xf0\x9f), so two parts do not
                 # collapse into one "\ufffd" key.
-                {self._piece(t).decode(errors="backslashreplace"): v for t, v in top}, offset,
+                {self._piece(t, False).decode(errors="backslashreplace"): v for t, v in top},
+                offset,
             ))
-        if choice.text.stopped:
+        if choice.text.stopped or (choice.tools is not None and choice.tools.done):
             self._finish(seq, "stop", text)
         elif group.max_tokens is not None and seq.generated >= group.max_tokens:
             self._finish(seq, "length", text)
@@ -326,33 +330,43 @@ class Scheduler:
             if text:
                 self._emit(seq, text, None)
 
-    def _piece(self, token: int) -> bytes:
-        """The token's text as bytes (special tokens as nothing), remembered once looked up."""
-        piece = self.pieces.get(token)
+    def _piece(self, token: int, special: bool) -> bytes:
+        """The token's text as bytes (special tokens as nothing unless `special`), remembered
+        once looked up."""
+        piece = self.pieces.get((token, special))
         if piece is None:
             n = llama_cpp.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf),
-                                               0, False)
+                                               0, special)
             if n < 0:  # longer than the buffer
                 self._buf = ctypes.create_string_buffer(-n)
-                return self._piece(token)
-            piece = self.pieces[token] = self._buf.raw[:n]
+                return self._piece(token, special)
+            piece = self.pieces[token, special] = self._buf.raw[:n]
         return piece
 
     def _emit(self, seq: Seq, text: str, finish: str | None) -> None:
-        """One delta for this step: the text released, with the logprobs of the tokens whose
-        text has started to go out (the rest wait for theirs; at the end, none waits)."""
+        """This step's deltas: the text released (less what tool calls take, which go out as
+        pieces of their own), with the logprobs of the tokens whose text has started to go out
+        (the rest wait for theirs; at the end, none waits)."""
         assert seq.choice is not None and seq.run is not None
         choice = seq.choice
+        calls: list[ToolCallDelta] = []
+        if choice.tools is not None:
+            text, calls = choice.tools.feed(text, final=finish is not None)
+            if finish == "stop" and choice.tools.called and not choice.tools.names_tool:
+                finish = "tool_calls"
         sent = choice.text.sent
         entries = [e for e in choice.pending if e[3] < sent]
         choice.pending = [] if finish else [e for e in choice.pending if e[3] >= sent]
-        seq.run.deltas.append(Delta(
-            index=choice.index, text=text, finish_reason=finish,  # type: ignore[arg-type]
-            logprobs=Logprobs(
-                tokens=[e[0] for e in entries], token_logprobs=[e[1] for e in entries],
-                top_logprobs=[e[2] for e in entries], text_offset=[e[3] for e in entries],
-            ) if entries else None,
-        ))
+        lp = Logprobs(
+            tokens=[e[0] for e in entries], token_logprobs=[e[1] for e in entries],
+            top_logprobs=[e[2] for e in entries], text_offset=[e[3] for e in entries],
+        ) if entries else None
+        deltas = [Delta(index=choice.index, text=text, logprobs=lp)] \
+            if text or lp or (finish and not calls) else []
+        deltas += [Delta(index=choice.index, tool_call=call) for call in calls]
+        if deltas:
+            deltas[-1].finish_reason = finish  # type: ignore[assignment]
+        seq.run.deltas.extend(deltas)
 
     def _finish(self, seq: Seq, reason: str, text: str) -> None:
         assert seq.choice is not None and seq.run is not None
