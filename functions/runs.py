@@ -23,7 +23,7 @@ from functions.threads import owned_thread
 from functions.tokenize import tokenizer
 from shared import keys, liveness, models, store
 from shared.errors import FerryError, InvalidRequest, NotFound
-from shared.jobs import GenerationJob, Reply, Sampling
+from shared.jobs import GenerationJob, Reply, Sampling, ToolCallDelta
 from shared.objects import FINISHED, Assistant, Message, Run, Thread, check_id, new_id, now
 from shared.protocol import ToolDef, tools_for_job
 from shared.thread_protocol import ListParams, RunCreate, SubmitToolOutputs
@@ -160,6 +160,9 @@ async def _events(run: Run, message_id: str, stream: JobStream) -> AsyncIterator
             async for item in stream:
                 if item is None:
                     yield None
+                elif (call := item[1].tool_call) is not None:
+                    yield Event(_step_delta(stream.job_id, call), id=item[0],
+                                name="thread.run.step.delta")
                 elif item[1].text:
                     text = {"index": 0, "type": "text", "text": {"value": item[1].text}}
                     yield Event({"id": message_id, "object": "thread.message.delta",
@@ -174,6 +177,16 @@ async def _events(run: Run, message_id: str, stream: JobStream) -> AsyncIterator
         yield Event(e.to_dict(), name="error")
     done = await store.get(redis, Run, run.id, run.owner)
     yield Event(done.public(), name=f"thread.run.{done.status}")
+
+
+def _step_delta(job_id: str, call: ToolCallDelta) -> dict[str, Any]:
+    """A piece of a tool call, as OpenAI streams a run step's."""
+    function: dict[str, Any] = {"arguments": call.arguments}
+    entry: dict[str, Any] = {"index": call.index, "type": "function", "function": function}
+    if call.id is not None:
+        entry["id"], function["name"], function["output"] = call.id, call.name, None
+    return {"id": f"step_{job_id.removeprefix('job_')}", "object": "thread.run.step.delta",
+            "delta": {"step_details": {"type": "tool_calls", "tool_calls": [entry]}}}
 
 
 async def _owned_run(thread_id: str, run_id: str) -> Run:

@@ -209,6 +209,24 @@ def test_run_requires_action_then_completes(http: httpx.Client) -> None:
         error_of(http.post(path, json={"tool_outputs": [{"tool_call_id": call["id"]}]}), 400)
 
 
+def test_streamed_run_shows_the_call(http: httpx.Client, base_url: str) -> None:
+    thread = http.post("/v1/threads", json={"messages": ASK}).json()
+    with httpx.stream("POST", f"{base_url}/v1/threads/{thread['id']}/runs", timeout=60, json={
+            "stream": True, "tools": [WEATHER], "tool_choice": FORCE,
+            "max_completion_tokens": 40}) as r:
+        assert r.status_code == 200
+        lines = list(r.iter_lines())
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    assert names[-2:] == ["thread.run.requires_action", "done"]
+    steps = [orjson.loads(line[6:]) for line in lines
+             if line.startswith("data: ") and '"thread.run.step.delta"' in line]
+    calls = [c for s in steps for c in s["delta"]["step_details"]["tool_calls"]]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    run = orjson.loads([line for line in lines if line.startswith("data: ")][-2][6:])
+    [asked] = run["required_action"]["submit_tool_outputs"]["tool_calls"]
+    assert asked["function"]["arguments"] == "".join(c["function"]["arguments"] for c in calls)
+
+
 def wait_for(http: httpx.Client, thread_id: str, run_id: str, *statuses: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while True:
