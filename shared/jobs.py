@@ -50,16 +50,17 @@ class Reply(BaseModel):
 
 
 class Tools(BaseModel):
-    """The tools a chat job may call, and how: `choice` is auto, required, or a tool's name
-    (`tool_choice: none` sends no tools at all)."""
+    """The tools a chat job may call, and how: `choice` auto or required, or `forced` names the
+    one tool to call (`tool_choice: none` sends no tools at all)."""
 
     functions: list[dict[str, Any]]  # OpenAI's `function` objects: name, description, parameters
-    choice: str = "auto"
+    choice: Literal["auto", "required"] = "auto"
+    forced: str | None = None
     parallel: bool = True
 
     @property
     def named(self) -> dict[str, Any] | None:
-        return next((f for f in self.functions if f["name"] == self.choice), None)
+        return next((f for f in self.functions if f["name"] == self.forced), None)
 
 
 class GenerationJob(BaseModel):

@@ -97,17 +97,19 @@ def tools_for_job(tools: list[ToolDef] | None, choice: ToolChoice | str | dict[s
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise InvalidRequest("Tool names must be unique", param="tools")
+    forced = None
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise InvalidRequest(f"tool_choice names '{choice.function.name}', which is not in "
                                  "tools", param="tool_choice")
-        name = choice.function.name
-    else:
-        name = choice or "auto"
-    if name == "none":
+        forced = choice.function.name
+    elif choice == "none":
         return None
+    elif choice not in (None, "auto", "required"):
+        raise InvalidRequest(f"Unknown tool_choice {choice!r}", param="tool_choice")
     return Tools(functions=[t.function.model_dump(exclude_none=True) for t in tools],
-                 choice=name, parallel=parallel)
+                 choice="required" if choice == "required" else "auto", forced=forced,
+                 parallel=parallel)
 
 
 def check_tool_messages(messages: list[ChatMessage]) -> None:

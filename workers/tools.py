@@ -15,6 +15,7 @@ merged, so templates that insist on alternating roles (Gemma's) take a tool conv
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -63,10 +64,11 @@ def plan(messages: list[dict[str, Any]], tools: Tools | None, template: str | No
         if not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             return Plan(messages, None, None)
         return Plan(_native(messages, kind) if kind else _fallback(messages, None), None, None)
-    functions = tools.functions
-    if tools.named is not None:
-        fmt: Callable[[], toolparse.Format] = lambda: toolparse.ArgsOnly(tools.choice)  # noqa: E731
-        grammar = schema_grammar(_parameters(tools.named), "tools")
+    functions, named = tools.functions, tools.named
+    fmt: Callable[[], toolparse.Format]
+    if named is not None:
+        fmt = functools.partial(toolparse.ArgsOnly, named["name"])
+        grammar = schema_grammar(_parameters(named), "tools")
     elif tools.choice == "required":
         fmt, grammar = toolparse.CallList, schema_grammar(_call_list(functions, tools.parallel),
                                                           "tools")
@@ -78,7 +80,7 @@ def plan(messages: list[dict[str, Any]], tools: Tools | None, template: str | No
         }, "tools")
     else:
         fmt, grammar = _lazy(kind, functions, tools.parallel, token_of)
-    if kind is None or tools.named is not None or tools.choice == "required":
+    if kind is None or named is not None or tools.choice == "required":
         # The grammar decides the format: say it in words the model can follow.
         return Plan(_fallback(messages, _describe(tools)), None, grammar, fmt, tools.parallel)
     return Plan(_native(messages, kind), [{"type": "function", "function": f} for f in functions],
@@ -185,7 +187,7 @@ def _describe(tools: Tools) -> str:
     listed = json.dumps([{k: f[k] for k in ("name", "description", "parameters") if f.get(k)}
                          for f in tools.functions], ensure_ascii=False)
     if tools.named is not None:
-        how = f"Call the tool {tools.choice}: answer with its arguments as a JSON object."
+        how = f"Call the tool {tools.forced}: answer with its arguments as a JSON object."
     elif tools.choice == "required":
         how = ('Call one or more of them: answer with a JSON list of calls, '
                '[{"name": <tool name>, "arguments": <arguments object>}].')
