@@ -125,9 +125,9 @@ class Message(Stored):
         return [ContentPart(text=TextContent(value=text))]
 
 
-RunStatus = Literal["queued", "in_progress", "requires_action", "completed", "cancelling",
-                    "cancelled", "failed"]
-FINISHED: set[str] = {"completed", "cancelled", "failed"}
+RunStatus = Literal["queued", "in_progress", "requires_action", "completed", "incomplete",
+                    "cancelling", "cancelled", "failed"]
+FINISHED: set[str] = {"completed", "incomplete", "cancelled", "failed"}
 
 
 class Run(Stored):
@@ -143,6 +143,7 @@ class Run(Stored):
     cancelled_at: int | None = None
     failed_at: int | None = None
     last_error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
     usage: dict[str, int] | None = None
     temperature: float | None = None
     top_p: float | None = None

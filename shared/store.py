@@ -223,10 +223,13 @@ async def require_action(redis: Redis, reply: Reply, text: str, calls: list[dict
 
 
 async def end_run(redis: Redis, reply: Reply, outcome: str, error: dict[str, Any] | None) -> None:
-    """A run whose generation was cancelled or failed."""
+    """A run whose generation was cancelled, failed, or ran out of tokens mid-call."""
     if not reply.run_id:
         return
     if outcome == "cancelled":
         await update_run(redis, reply.run_id, status="cancelled", cancelled_at=now())
+    elif outcome == "incomplete":
+        await update_run(redis, reply.run_id, status="incomplete", completed_at=now(),
+                         incomplete_details={"reason": "max_completion_tokens"})
     else:
         await update_run(redis, reply.run_id, status="failed", failed_at=now(), last_error=error)

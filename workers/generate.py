@@ -34,7 +34,9 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     if gen.reply is not None:
         if outcome == "completed" and answer.final is not None:
             # Stored before `final` goes out, so a client that sees the end finds the message.
-            if answer.tool_calls and gen.reply.run_id:
+            if answer.tool_calls and gen.reply.run_id and answer.finish_reason == "length":
+                await store.end_run(st.redis, gen.reply, "incomplete", None)  # a call cut short
+            elif answer.tool_calls and gen.reply.run_id:
                 await store.require_action(st.redis, gen.reply, answer.text, answer.tool_calls)
             else:
                 await store.store_reply(st.redis, gen.reply, answer.text, answer.final.usage)

@@ -43,6 +43,7 @@ class Answer:
         self.hold_final = hold_final
         self.parts: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []  # choice 0's, as OpenAI shows them
+        self.finish_reason: str | None = None  # choice 0's
         self.final: Final | None = None
         self.first_token_at: float | None = None  # unix time
         self.cancelled = False  # the client asked the job to stop
@@ -63,6 +64,7 @@ class Answer:
                     self.first_token_at = time.time()
                 if m.index == 0:
                     self.parts.append(m.text)
+                    self.finish_reason = m.finish_reason or self.finish_reason
                     if (tc := m.tool_call) is not None:
                         if tc.id is not None:
                             self.tool_calls.append({"id": tc.id, "type": "function", "function": {
