@@ -136,3 +136,55 @@ def test_templates_render_a_tool_conversation(template: str, family: str | None)
     prompt = tools.render(fmt, plan).prompt
     assert "18C, sunny" in prompt and "get_weather" in prompt
     assert plan.grammar is not None and plan.format is not None
+
+
+def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
+    """The Hermes grammar on SmolLM2's real vocabulary, inside llama.cpp: free text until
+    `<tool_call>`, then only what leads to a valid call of a known tool."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    from shared.jobs import Tools
+    from tests.conftest import smollm_path
+    from workers import sampling
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=str(smollm_path()), params=params, verbose=False)
+    try:
+        weather = {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+        source = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+        plan = tools.plan([{"role": "user", "content": "Weather?"}], Tools(functions=[weather]),
+                          source, lambda text: None)
+        assert plan.grammar is not None and plan.grammar.patterns == ("<tool_call>",)
+        sampler = sampling._grammar_sampler(model, plan.grammar)
+        n_vocab = model.n_vocab()
+
+        def allowed() -> set[int]:
+            data = (llama_cpp.llama_token_data * n_vocab)(
+                *[llama_cpp.llama_token_data(t, 0.0, 0.0) for t in range(n_vocab)])
+            arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+            return {data[i].id for i in range(n_vocab) if data[i].logit != float("-inf")}
+
+        def accept(text: str) -> None:
+            for token in model.tokenize(text.encode(), add_bos=False, special=False):
+                llama_cpp.llama_sampler_accept(sampler, token)
+
+        def token(text: str) -> int:
+            [t] = model.tokenize(text.encode(), add_bos=False, special=False)
+            return t
+
+        accept("Let me look that up. ")
+        assert len(allowed()) == n_vocab  # not triggered: any text goes
+        accept("<tool_call>\n")
+        free = allowed()
+        assert token("Hello") not in free and token("{") in free
+        accept('{"name": "')
+        named = allowed()
+        assert token("get") in named and token("Hello") not in named  # no tool of that name
+    finally:
+        model.close()
