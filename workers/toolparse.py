@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from shared.jobs import ToolCallDelta
 
 WS = " \t\r\n"
+# Re-reading from the start each step stays cheap because the scans run in C: a string by
+# str.find, a whole value by the json module.
+_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -208,44 +211,24 @@ def _skip(s: str, i: int, char: str) -> int:
 def _string_end(s: str, i: int) -> int | None:
     """Past the closing quote of the string opening at s[i]; None if it is still open."""
     j = i + 1
-    while j < len(s):
-        if s[j] == "\\":
-            j += 2
-        elif s[j] == '"':
-            return j + 1
-        else:
-            j += 1
+    while (quote := s.find('"', j)) >= 0:
+        escapes = quote - j - len(s[j:quote].rstrip("\\"))  # backslashes just before it
+        if escapes % 2 == 0:
+            return quote + 1
+        j = quote + 1
     return None
 
 
 def _value_end(s: str, i: int, final: bool) -> int | None:
-    """Past the JSON value starting at s[i]; None if the text ends inside it."""
-    if i >= len(s):
+    """Past the JSON value starting at s[i]; None if the text ends inside it (or it is not
+    JSON: without a grammar a model may write anything)."""
+    try:
+        _, end = _DECODER.raw_decode(s, i)
+    except ValueError:
         return None
-    if s[i] == '"':
-        return _string_end(s, i)
-    if s[i] in "{[":
-        depth, j = 0, i
-        while j < len(s):
-            c = s[j]
-            if c == '"':
-                end = _string_end(s, j)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
-    j = i  # a number, true, false or null: it ends where a delimiter starts
-    while j < len(s) and s[j] not in ",}]" + WS:
-        j += 1
-    return j if j < len(s) or final else None
+    if end == len(s) and not final and s[i] not in '"{[':
+        return None  # a number, say, that may go on
+    return int(end)
 
 
 def _partial_string(s: str, i: int) -> str:
