@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Quart
+from quart import Quart, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from functions import (
     assistants,
     auth,
+    batches,
     completions,
     conversations,
     cors,
+    files,
     health,
     login,
     metrics,
@@ -27,6 +29,7 @@ from functions import (
     tokenize,
     users,
 )
+from functions.batch_runner import BatchRunner
 from functions.state import LOCAL_USER, FerryState
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
@@ -36,11 +39,13 @@ log = logging.getLogger(__name__)
 
 # Jan's local server uses /v1, Jan Server /api/v1: both reach the same handlers.
 API_PREFIXES = ("/v1", "/api/v1")
+UPLOADS = {f"files_{p.strip('/').replace('/', '_')}.upload" for p in API_PREFIXES}
 
 
 def create_app(settings: Settings) -> Quart:
     app = Quart("ferry", static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Uploads may be large; every other body is held to max_body_bytes (`small_bodies`).
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.files_max_bytes + 2**16)
     st = FerryState(settings=settings)
     app.extensions["ferry"] = st
 
@@ -50,23 +55,30 @@ def create_app(settings: Settings) -> Quart:
             raise RuntimeError("REDIS_URL is not set: `ferry web` needs a Redis (or use `ferry serve`)")
         st.redis = await connect(settings.redis_url)
         await assistants.ensure_default(st.redis, LOCAL_USER)
+        st.batches = BatchRunner(st)
 
     @app.after_serving
     async def close_redis() -> None:
         for task in list(st.downloads):  # the .part file stays; a new download resumes it
             task.cancel()
+        await st.batches.close()  # a batch's lease lapses: another process (or this one) goes on
         await st.redis.aclose()
 
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
-                   conversations.bp, status.bp, users.bp):
+                   conversations.bp, status.bp, users.bp, files.bp, batches.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(login.bp)  # /auth/google, as in Jan Server
     app.register_blueprint(openapi.bp)  # /openapi.json and /api/swagger/
+
+    @app.before_request
+    async def small_bodies() -> None:
+        if request.endpoint not in UPLOADS and (request.content_length or 0) > settings.max_body_bytes:
+            raise PayloadTooLarge("The request body is too large")
 
     @app.before_request
     async def who_is_calling() -> None:

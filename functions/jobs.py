@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 GENERATE = "generate"  # the worker's job function
 READ_BLOCK_MS = 500  # how long one XREAD waits; also the tick for liveness checks and pings
+AHEAD_MS = 10**12  # ~30 years: an interactive job's place in the queue, ahead of batch lines
 
 
 class JobMeta(BaseModel):
@@ -51,15 +52,19 @@ return 1
 """
 
 
-async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: Settings) -> None:
-    """Enqueue `job` on its model's queue, or fail fast with 429 / 503."""
+async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: Settings,
+                 background: bool = False) -> None:
+    """Enqueue `job` on its model's queue, or fail fast with 429 / 503. A `background` job (a
+    batch line) waits behind every interactive one: arq takes the lowest score first, and an
+    interactive job's score is its time less `AHEAD_MS`."""
     await wait_for_worker(redis, job.model, settings)
     now = timestamp_ms()
+    score = now if background else now - AHEAD_MS
     payload = serialize_job(GENERATE, (), {"job": job.model_dump(mode="json")}, None, now,
                             serializer=serialize)
     admitted = await redis.register_script(ADMIT)(
         keys=[keys.queue(job.model), job_key_prefix + job.id],
-        args=[settings.queue_limit, redis.expires_extra_ms, payload, now, job.id])
+        args=[settings.queue_limit, redis.expires_extra_ms, payload, score, job.id])
     if not admitted:
         raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     async with redis.pipeline(transaction=False) as pipe:

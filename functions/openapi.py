@@ -34,6 +34,7 @@ SWAGGER_FILES = ("swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalon
 class Operation:
     summary: str
     body: type[BaseModel] | None = None
+    form: type[BaseModel] | None = None  # a multipart/form-data body (an upload)
     query: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     media: str | None = None  # another type the answer may come as (SSE, or text for /metrics)
@@ -60,7 +61,7 @@ def document(app: Quart) -> dict[str, Any]:
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         ops += [(path, m.lower(), op) for m in sorted(rule.methods or ()) if m not in ("HEAD", "OPTIONS")]
 
-    inputs = {m for _, _, op in ops for m in (op.body, op.query) if m is not None}
+    inputs = {m for _, _, op in ops for m in (op.body, op.form, op.query) if m is not None}
     outputs = {op.response for _, _, op in ops if op.response is not None} | {ErrorResponse}
     refs, defs = models_json_schema(
         [(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
@@ -93,6 +94,9 @@ def document(app: Quart) -> dict[str, Any]:
         if op.body is not None:
             entry["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(op.body, "validation")]}}}
+        if op.form is not None:
+            entry["requestBody"] = {"required": True, "content": {
+                "multipart/form-data": {"schema": refs[(op.form, "validation")]}}}
         paths.setdefault(path, {})[method] = entry
 
     return {

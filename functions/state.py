@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 from quart import current_app, request
 
-from shared.errors import InvalidRequest, Unauthorized
+from shared.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from shared.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,6 +26,7 @@ class FerryState:
     redis: ArqRedis = field(init=False)
     tokenizers: dict[str, Any] = field(default_factory=dict)
     downloads: set[asyncio.Task[None]] = field(default_factory=set)  # running in this process
+    batches: Any = field(init=False)  # functions.batch_runner.BatchRunner, once serving
 
 
 def state() -> FerryState:
@@ -35,6 +36,8 @@ def state() -> FerryState:
 async def parse_body(model: type[M]) -> M:
     """The request body as `model`, or a 400 that names the offending parameter."""
     raw = await request.get_data()
+    if len(raw) > state().settings.max_body_bytes:  # a body sent without Content-Length
+        raise PayloadTooLarge("The request body is too large")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

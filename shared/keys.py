@@ -37,6 +37,13 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:metrics:jobs``            hash: "model, outcome" -> jobs
 - ``ferry:metrics:tokens``          hash: model -> completion tokens generated
 - ``ferry:metrics:{kind}:{model}``  hash: a histogram's cumulative buckets, "+Inf" and "sum"
+- ``ferry:batches``                 set of batch ids not yet finished (a batch runner drives each)
+- ``ferry:batch:{id}:lease``        the web process driving the batch now (expires if it dies)
+- ``ferry:batch:{id}:input``        list: the batch's request lines, as validated
+- ``ferry:batch:{id}:next``         how many lines have been handed to the queue
+- ``ferry:batch:{id}:running``      hash: line number -> the job running it (JSON)
+- ``ferry:batch:{id}:results``      hash: line number -> its result line (JSON), output or error
+- ``ferry:batch:lines:{model}``     set: jobs of every batch queued or running on the model
 - ``arq:job:{job}``, ``arq:in-progress:{job}``, ``arq:result:{job}``  arq's own, named here for cleanup
 """
 
@@ -175,3 +182,15 @@ def metrics_histogram(kind: str, model: str) -> str:
 def arq_job_keys(job_id: str) -> list[str]:
     """arq's own keys for one job: its definition, in-progress marker and result."""
     return [job_key_prefix + job_id, in_progress_key_prefix + job_id, result_key_prefix + job_id]
+
+
+BATCHES = f"{PREFIX}:batches"
+
+
+def batch(batch_id: str, part: str) -> str:
+    """One of a batch's keys: lease, input, next, running, results."""
+    return f"{PREFIX}:batch:{batch_id}:{part}"
+
+
+def batch_lines(model: str) -> str:
+    return f"{PREFIX}:batch:lines:{model}"

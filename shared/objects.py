@@ -159,6 +159,60 @@ class Run(Stored):
         return self.model_dump(exclude={"owner", "job_id", "tool_turns"})
 
 
+PURPOSES = {"batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals"}
+
+
+class FileObject(Stored):
+    """An uploaded file (or a batch's results); its bytes live in the file store."""
+
+    object: Literal["file"] = "file"
+    bytes: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    expires_at: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"owner", "metadata"})
+
+
+BatchStatus = Literal["validating", "in_progress", "finalizing", "completed", "failed", "expired",
+                      "cancelling", "cancelled"]
+BATCH_DONE: set[str] = {"completed", "failed", "expired", "cancelled"}
+
+
+class BatchCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class Batch(Stored):
+    """OpenAI's batch object; its lines run as ordinary jobs (`functions.batch_runner`)."""
+
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    input_file_id: str
+    completion_window: str = "24h"
+    status: BatchStatus = "validating"
+    errors: dict[str, Any] | None = None  # {"object": "list", "data": [{code, line, message, param}]}
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchCounts = BatchCounts()
+    usage: dict[str, Any] = Field(default_factory=lambda: {
+        "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0}})
+
+
 class MetadataField(BaseModel):
     """Mixin for request bodies that carry OpenAI-limited metadata."""
 

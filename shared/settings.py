@@ -106,6 +106,27 @@ class Settings(BaseSettings):
         3.0, gt=0, description="A worker silent this long counts as dead"
     )
     keepalive_s: float = Field(10.0, gt=0, description="SSE comment ping when a stream is idle")
+    resume_grace_s: float = Field(
+        5.0, ge=0, description="A streaming client that drops has this long to come back "
+        "(Last-Event-ID) before its job is cancelled")
+    async_ttl_s: int = Field(
+        86400, ge=60, description="How long an async request's (Prefer: respond-async) result "
+        "is kept")
+
+    # Files and batches
+    files_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest uploaded file")
+    files_s3_bucket: str | None = Field(
+        None, description="Keep files in this S3 bucket (any S3-compatible store) instead of "
+        "DATA_DIR/files, so web nodes on several machines share them")
+    files_s3_prefix: str = Field("ferry/files/", description="Key prefix of files in the bucket")
+    files_s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for files (default: FERRY_S3_ENDPOINT_URL)")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Largest batch input file")
+    batch_max_lines: int = Field(50_000, ge=1, description="Most requests in one batch")
+    batch_window_s: float = Field(
+        86400.0, gt=0, description="How long a batch may run ('24h', the only completion_window)")
+    batch_reserve: int = Field(
+        2, ge=0, description="Sequences per worker that batch lines leave to interactive requests")
 
     @property
     def models_path(self) -> Path:

@@ -8,7 +8,7 @@ The key layout is documented in `shared.keys`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -16,10 +16,22 @@ from redis.exceptions import WatchError
 from shared import keys
 from shared.errors import InvalidRequest, NotFound
 from shared.jobs import Reply, Usage
-from shared.objects import FINISHED, Assistant, Message, Run, Stored, Thread, now
+from shared.objects import (
+    FINISHED,
+    Assistant,
+    Batch,
+    FileObject,
+    Message,
+    Run,
+    RunStatus,
+    Stored,
+    Thread,
+    now,
+)
 
 S = TypeVar("S", bound=Stored)
-KIND: dict[type[Stored], str] = {Assistant: "assistant", Thread: "thread", Run: "run"}
+KIND: dict[type[Stored], str] = {Assistant: "assistant", Thread: "thread", Run: "run",
+                                 FileObject: "file", Batch: "batch"}
 Order = Literal["asc", "desc"]
 
 # Append a message only if its thread still exists; its place comes from the thread's counter,
@@ -172,11 +184,11 @@ async def list_runs(redis: Redis, thread: Thread, **paging: Any) -> dict[str, An
     return await page(redis, keys.thread_runs(thread.id), _objects(redis, Run), **paging)
 
 
-async def update_run(redis: Redis, run_id: str, when: set[str] | None = None, **changes: Any
-                     ) -> Run | None:
-    """Apply `changes` unless the run already finished (a finished run never changes again),
-    or is not in one of the statuses `when` names."""
-    key = keys.obj("run", run_id)
+async def update(redis: Redis, cls: type[S], object_id: str, when: set[str] | None = None,
+                 **changes: Any) -> S | None:
+    """Apply `changes` unless the object's status is not one of `when`; the object as it is now,
+    or None if it is gone."""
+    key = keys.obj(KIND[cls], object_id)
     async with redis.pipeline(transaction=True) as pipe:
         while True:
             try:
@@ -184,16 +196,25 @@ async def update_run(redis: Redis, run_id: str, when: set[str] | None = None, **
                 raw = await pipe.get(key)
                 if raw is None:
                     return None
-                run = Run.model_validate_json(raw)
-                if run.status in FINISHED or (when is not None and run.status not in when):
-                    return run
-                run = run.model_copy(update=changes)
+                item = cls.model_validate_json(raw)
+                if when is not None and getattr(item, "status", None) not in when:
+                    return item
+                item = item.model_copy(update=changes)
                 pipe.multi()
-                pipe.set(key, run.model_dump_json())
+                pipe.set(key, item.model_dump_json())
                 await pipe.execute()
-                return run
+                return item
             except WatchError:
                 continue
+
+
+async def update_run(redis: Redis, run_id: str, when: set[str] | None = None, **changes: Any
+                     ) -> Run | None:
+    """Apply `changes` unless the run already finished (a finished run never changes again),
+    or is not in one of the statuses `when` names."""
+    unfinished = set(get_args(RunStatus)) - FINISHED
+    return await update(redis, Run, run_id, unfinished if when is None else when & unfinished,
+                        **changes)
 
 
 async def store_reply(redis: Redis, reply: Reply, text: str, usage: Usage) -> None:
