@@ -67,6 +67,20 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="may download, start, stop models")
     user_verbs.add_parser("token", help="print a JWT and refresh token for a user").add_argument(
         "name")
+    batch = sub.add_parser("batch", help="batches over HTTP: submit, list, get, cancel")
+    batch_verbs = batch.add_subparsers(dest="verb", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--url", help="Ferry's address (default: http://FERRY_HOST:FERRY_PORT); "
+                       "FERRY_API_KEY is sent as the bearer")
+    submit = batch_verbs.add_parser("submit", parents=[where],
+                                    help="upload a .jsonl of requests and start a batch")
+    submit.add_argument("file")
+    submit.add_argument("--endpoint", default="/v1/chat/completions",
+                        choices=["/v1/chat/completions", "/v1/completions"])
+    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    batch_verbs.add_parser("list", parents=[where], help="your batches, newest first")
+    for verb, what in (("get", "one batch"), ("cancel", "cancel a batch")):
+        batch_verbs.add_parser(verb, parents=[where], help=what).add_argument("id")
     api_keys = sub.add_parser("keys", help="server-mode API keys: create")
     key_verbs = api_keys.add_subparsers(dest="verb", required=True)
     new_key = key_verbs.add_parser("create", help="a new API key (printed once)")
@@ -112,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from ferry.models_cli import main as models_main
 
         return models_main(settings, args.verb, vars(args))
+    if args.command == "batch":
+        from ferry.batch_cli import main as batch_main
+
+        return batch_main(settings, args.verb, vars(args))
     if args.command in ("users", "keys"):
         from ferry.users_cli import main as users_main
 

@@ -11,14 +11,15 @@ from quart import Blueprint, Response, request
 from functions import responses as r
 from functions import sse
 from functions.conversations import record_turn
-from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, submit
+from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, reader_back, submit
 from functions.openapi import STREAM, operation
 from functions.render import Renderer
 from functions.sse import Event
 from functions.state import parse_body, state
-from shared import models
-from shared.jobs import Reply
-from shared.objects import new_id
+from shared import keys, models
+from shared.errors import from_wire
+from shared.jobs import Delta, Error, Final, Reply, cancel_value, decode
+from shared.objects import check_id, new_id
 from shared.protocol import ChatCompletionRequest, CompletionRequest
 
 bp = Blueprint("completions", __name__)
@@ -42,14 +43,53 @@ async def completions() -> Any:
 async def resume(job_id: str) -> Response:
     """Replay a stream after `Last-Event-ID` (header or query), then follow it live."""
     st = state()
-    job_id = job_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+    job_id = _job_id(job_id)
     meta = await load_meta(st.redis, job_id)
+    await reader_back(st.redis, job_id)
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     renderer = Renderer(meta)
     for seen in await deltas_upto(st.redis, job_id, after):
         renderer.chunk(seen)
     stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after)
     return await _stream(stream, renderer)
+
+
+@bp.get("/chat/completions/<job_id>")
+@bp.get("/completions/<job_id>")
+@operation("Get a completion: the answer once finished, else its status (async requests)",
+           response=r.AsyncStatus)
+async def get(job_id: str) -> Any:
+    st = state()
+    job_id = _job_id(job_id)
+    meta = await load_meta(st.redis, job_id)
+    renderer = Renderer(meta)
+    messages = [decode(f[b"m"]) for _, f in await st.redis.xrange(keys.stream(job_id))]
+    if messages and isinstance(messages[-1], Final):
+        return renderer.response([m for m in messages if isinstance(m, Delta)],
+                                 messages[-1].usage, meta.choices)
+    status: dict[str, Any] = {"id": renderer.id, "object": renderer.object, "created": meta.created,
+                              "model": meta.model}
+    if messages and isinstance(end := messages[-1], Error):
+        error = from_wire(end.status, end.message, end.code, end.param)
+        return {**status, "status": "cancelled" if end.code == "cancelled" else "failed",
+                **error.to_dict()}
+    started = messages or await st.redis.exists(keys.job_worker(job_id))
+    return {**status, "status": "in_progress" if started else "queued"}
+
+
+@bp.post("/chat/completions/<job_id>/cancel")
+@bp.post("/completions/<job_id>/cancel")
+@operation("Cancel a completion (an async request, say)", response=r.AsyncStatus)
+async def cancel(job_id: str) -> Any:
+    st = state()
+    job_id = _job_id(job_id)
+    await load_meta(st.redis, job_id)
+    await st.redis.set(keys.job_cancel(job_id), cancel_value(), ex=st.settings.stream_ttl_s)
+    return await get(job_id)
+
+
+def _job_id(completion_id: str) -> str:
+    return check_id(completion_id.removeprefix("chatcmpl-").removeprefix("cmpl-"), "id")
 
 
 async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
@@ -60,11 +100,20 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
     if isinstance(req, ChatCompletionRequest) and req.conversation:
         thread = await record_turn(req.conversation, req)
         job.reply = Reply(thread_id=thread.id, owner=thread.owner, message_id=new_id("msg"))
+    respond_async = "respond-async" in request.headers.get("Prefer", "")
+    if respond_async:  # RFC 7240: 202 now, the answer at Location when it is done
+        job.keep_s = st.settings.async_ttl_s
     meta = JobMeta(
         id=job.id, kind=job.kind, model=model.id, created=int(time.time()),
-        include_usage=req.stream and req.include_usage,
+        include_usage=req.stream and req.include_usage, choices=job.choice_count,
     )
     await submit(st.redis, job, meta, st.settings)
+    if respond_async:
+        renderer = Renderer(meta)
+        location = f"{request.path.rstrip('/')}/{renderer.id}"
+        return {"id": renderer.id, "object": renderer.object, "created": meta.created,
+                "model": meta.model, "status": "queued"}, 202, {
+                    "Location": location, "Preference-Applied": "respond-async"}
     stream = JobStream(st.redis, job.id, model.id, st.settings)
     renderer = Renderer(meta)
     if req.stream:

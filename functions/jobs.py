@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from shared import control, keys, liveness
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
-from shared.jobs import Delta, Error, Final, GenerationJob, decode, encode
+from shared.jobs import Delta, Error, Final, GenerationJob, cancel_value, decode, encode
 from shared.redis import serialize
 from shared.settings import Settings
 
@@ -40,6 +40,7 @@ class JobMeta(BaseModel):
     model: str
     created: int
     include_usage: bool = False
+    choices: int = 1  # how many choices the answer has
 
 
 # arq's `enqueue_job` (its job key, payload and queue score), but only while the queue holds
@@ -70,7 +71,7 @@ async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: S
     async with redis.pipeline(transaction=False) as pipe:
         pipe.set(
             keys.job_meta(job.id), meta.model_dump_json(),
-            ex=int(settings.job_timeout_s + settings.stream_ttl_s),
+            ex=int(settings.job_timeout_s + (job.keep_s or settings.stream_ttl_s)),
         )
         # Wake an idle worker now rather than at its next poll.
         pipe.rpush(keys.wake(job.model), job.id)
@@ -97,6 +98,13 @@ async def load_meta(redis: ArqRedis, job_id: str) -> JobMeta:
     if raw is None or not await redis.exists(keys.stream(job_id)):
         raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)", code="stream_not_found")
     return JobMeta.model_validate_json(raw)
+
+
+async def reader_back(redis: ArqRedis, job_id: str) -> None:
+    """A client resumed the stream: a cancel waiting out the grace period is called off."""
+    value = await redis.get(keys.job_cancel(job_id))
+    if value is not None and value.startswith(b"at:"):
+        await redis.delete(keys.job_cancel(job_id))
 
 
 async def deltas_upto(redis: ArqRedis, job_id: str, last_id: str) -> list[Delta]:
@@ -136,10 +144,11 @@ class JobStream:
         tb: TracebackType | None,
     ) -> None:
         if self.cancel_on_exit and not self._ended:
-            # The client left (disconnect, cancel) or we gave up: the worker stops at its next token.
-            await asyncio.shield(
-                self.redis.set(keys.job_cancel(self.job_id), b"1", ex=self.settings.stream_ttl_s)
-            )
+            # The client left (disconnect, cancel) or we gave up: the worker stops at its next
+            # token once the grace period has passed with no reader back (Last-Event-ID).
+            await asyncio.shield(self.redis.set(
+                keys.job_cancel(self.job_id), cancel_value(self.settings.resume_grace_s),
+                ex=self.settings.stream_ttl_s))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
         stream_key = keys.stream(self.job_id)

@@ -40,6 +40,7 @@ class Renderer:
         self.chat = meta.kind == "chat"
         prefix = "chatcmpl-" if self.chat else "cmpl-"
         self.id = prefix + meta.id
+        self.object = "chat.completion" if self.chat else "text_completion"
         self._started: set[int] = set()
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:

@@ -106,6 +106,18 @@ class TextCompletion(_Completion):
     choices: list[TextChoice]
 
 
+class AsyncStatus(BaseModel):
+    """An async request (`Prefer: respond-async`) that is not finished, or did not finish well;
+    once done, the completion object itself."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    status: Literal["queued", "in_progress", "failed", "cancelled"]
+    error: dict[str, Any] | None = None
+
+
 class ModelInfo(BaseModel):
     """A registered model: Jan's model.json fields, and its state on this server."""
 

@@ -14,6 +14,7 @@ The stream's entry ids double as SSE event ids, so a client can resume with ``La
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -78,6 +79,7 @@ class GenerationJob(BaseModel):
     json_schema: dict[str, Any] | None = None  # {} means any JSON object (json_object mode)
     tools: Tools | None = None
     reply: Reply | None = None  # store choice 0 as an assistant message before `final`
+    keep_s: int | None = None  # how long its stream is kept once written (default stream_ttl_s)
 
     @property
     def choice_count(self) -> int:
@@ -136,6 +138,19 @@ class Error(BaseModel):
 
 Message = Annotated[Delta | Final | Error, Field(discriminator="kind")]
 _message_adapter: TypeAdapter[Delta | Final | Error] = TypeAdapter(Message)
+
+
+def cancel_value(after_s: float = 0) -> bytes:
+    """What a job's cancel key holds: stop now, or at a time unless a reader comes back first
+    (a dropped stream's grace period; the reader that resumes deletes the key)."""
+    return b"1" if after_s <= 0 else f"at:{time.time() + after_s:.3f}".encode()
+
+
+def is_cancelled(value: bytes | None) -> bool:
+    """Whether a cancel key's value (None: no key) means the job stops now."""
+    if value is None:
+        return False
+    return not value.startswith(b"at:") or float(value[3:]) <= time.time()
 
 
 def encode(message: Delta | Final | Error) -> bytes:

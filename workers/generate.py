@@ -9,7 +9,7 @@ from typing import Any
 
 from shared import keys, metrics, store
 from shared.errors import FerryError
-from shared.jobs import Error, GenerationJob
+from shared.jobs import Error, GenerationJob, is_cancelled
 from workers.publish import Answer
 from workers.state import WorkerState
 
@@ -23,10 +23,11 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
     st: WorkerState = ctx["ferry"]
     gen = GenerationJob.model_validate(job)
     async with st.redis.pipeline(transaction=False) as pipe:
-        pipe.exists(keys.job_cancel(gen.id))
+        pipe.get(keys.job_cancel(gen.id))
         pipe.set(keys.job_worker(gen.id), st.worker_id, ex=int(st.settings.job_timeout_s) + 60)
-        cancelled_while_queued = (await pipe.execute())[0]
-    answer = Answer(gen.id, hold_final=gen.reply is not None, loop=asyncio.get_running_loop())
+        cancelled_while_queued = is_cancelled((await pipe.execute())[0])
+    answer = Answer(gen.id, hold_final=gen.reply is not None, loop=asyncio.get_running_loop(),
+                    keep_s=gen.keep_s)
     if cancelled_while_queued:
         outcome, last = "cancelled", CANCELLED
     else:

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.jobs import Delta, Error, Final, encode
+from shared.jobs import Delta, Error, Final, encode, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,10 @@ class Answer:
     `hold_final`, keeps `final` back so the reply is stored before the client sees the end.
     """
 
-    def __init__(self, job_id: str, hold_final: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, job_id: str, hold_final: bool, loop: asyncio.AbstractEventLoop,
+                 keep_s: int | None = None) -> None:
         self.job_id = job_id
+        self.keep_s = keep_s  # how long the stream is kept (None: the publisher's default)
         self.hold_final = hold_final
         self.parts: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []  # choice 0's, as OpenAI shows them
@@ -104,7 +106,7 @@ class Publisher:
     def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
         """Publish `messages` as they are, at once, on the caller's thread; returns whether the
         client asked to stop."""
-        return self._write([(answer.job_id, messages)])[answer.job_id]
+        return self._write([(answer, messages)])[answer.job_id]
 
     def close(self) -> None:
         self._queue.put(None)
@@ -125,7 +127,7 @@ class Publisher:
             stop = None in items
             batch = [i for i in items if i is not None]
             try:
-                cancelled = self._write([(a.job_id, a.outgoing(m)) for a, m, _ in batch])
+                cancelled = self._write([(a, a.outgoing(m)) for a, m, _ in batch])
                 for answer, _, _ in batch:
                     answer.cancelled = answer.cancelled or cancelled[answer.job_id]
             except (redis.RedisError, OSError) as e:
@@ -138,17 +140,17 @@ class Publisher:
             if stop:
                 return
 
-    def _write(self, batch: Sequence[tuple[str, Sequence[Message]]]) -> dict[str, bool]:
+    def _write(self, batch: Sequence[tuple[Answer, Sequence[Message]]]) -> dict[str, bool]:
         """One pipeline: every message in order, then per job its stream's expiry and cancel flag."""
-        jobs: dict[str, None] = {}
+        jobs: dict[str, int] = {}  # job id -> how long its stream is kept
         with self.client.pipeline(transaction=False) as pipe:
-            for job_id, messages in batch:
-                jobs[job_id] = None
+            for answer, messages in batch:
+                jobs[answer.job_id] = answer.keep_s or self.ttl_s
                 for message in messages:
-                    pipe.xadd(keys.stream(job_id), {"m": encode(message)})
-            for job_id in jobs:
-                pipe.expire(keys.stream(job_id), self.ttl_s)
-                pipe.exists(keys.job_cancel(job_id))
+                    pipe.xadd(keys.stream(answer.job_id), {"m": encode(message)})
+            for job_id, keep_s in jobs.items():
+                pipe.expire(keys.stream(job_id), keep_s)
+                pipe.get(keys.job_cancel(job_id))
             results = pipe.execute()
         flags = results[len(results) - 2 * len(jobs):]
-        return {job_id: bool(flags[2 * i + 1]) for i, job_id in enumerate(jobs)}
+        return {job_id: is_cancelled(flags[2 * i + 1]) for i, job_id in enumerate(jobs)}
