@@ -7,6 +7,7 @@ from typing import Any
 
 from quart import Blueprint
 
+from functions import responses as r
 from functions.files import owned_file
 from functions.openapi import operation
 from functions.state import caller, parse_body, parse_query, state
@@ -42,7 +43,7 @@ async def create() -> Any:
 
 
 @bp.get("/batches")
-@operation("List batches, newest first", query=BatchList, response=Batch)
+@operation("List batches, newest first", query=BatchList, response=r.Page[Batch])
 async def list_batches() -> Any:
     params = parse_query(BatchList)
     return await store.list_owned(state().redis, Batch, caller(), limit=params.limit,

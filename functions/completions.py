@@ -61,7 +61,7 @@ async def resume(job_id: str) -> Response:
 async def get(job_id: str) -> Any:
     st = state()
     job_id = _job_id(job_id)
-    meta = await load_meta(st.redis, job_id)
+    meta = await load_meta(st.redis, job_id, started=False)
     renderer = Renderer(meta)
     messages = [decode(f[b"m"]) for _, f in await st.redis.xrange(keys.stream(job_id))]
     if messages and isinstance(messages[-1], Final):
@@ -83,7 +83,7 @@ async def get(job_id: str) -> Any:
 async def cancel(job_id: str) -> Any:
     st = state()
     job_id = _job_id(job_id)
-    await load_meta(st.redis, job_id)
+    await load_meta(st.redis, job_id, started=False)
     await st.redis.set(keys.job_cancel(job_id), cancel_value(), ex=st.settings.stream_ttl_s)
     return await get(job_id)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from functions import responses as r
 from functions.openapi import operation
-from functions.responses import Deleted
 from functions.state import caller, parse_query, state
 from shared import store
 from shared.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -56,7 +56,7 @@ async def upload() -> Any:
 
 
 @bp.get("/files")
-@operation("List files", query=FileList, response=FileObject)
+@operation("List files", query=FileList, response=r.Page[FileObject])
 async def list_files() -> Any:
     params = parse_query(FileList)
     everyone = await store.list_owned(state().redis, FileObject, caller(), limit=10_000,
@@ -93,7 +93,7 @@ async def content(file_id: str) -> Response:
 
 
 @bp.delete("/files/<file_id>")
-@operation("Delete a file", response=Deleted)
+@operation("Delete a file", response=r.Deleted)
 async def delete(file_id: str) -> Any:
     record = await owned_file(file_id)
     await remove(record)

@@ -93,9 +93,11 @@ async def wait_for_worker(redis: ArqRedis, model: str, settings: Settings) -> No
         await asyncio.sleep(0.1)
 
 
-async def load_meta(redis: ArqRedis, job_id: str) -> JobMeta:
+async def load_meta(redis: ArqRedis, job_id: str, started: bool = True) -> JobMeta:
+    """What a reader needs to render the job; 404 if it is unknown, or (`started`) has no
+    stream yet or any more."""
     raw = await redis.get(keys.job_meta(job_id))
-    if raw is None or not await redis.exists(keys.stream(job_id)):
+    if raw is None or (started and not await redis.exists(keys.stream(job_id))):
         raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)", code="stream_not_found")
     return JobMeta.model_validate_json(raw)
 

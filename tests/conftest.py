@@ -57,6 +57,7 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
         "FERRY_CTX_LEN": "2048",
         "FERRY_MAX_BODY_BYTES": "65536",
         "FERRY_MAX_MESSAGE_CHARS": "4000",
+        "FERRY_RESUME_GRACE_S": "1",
         "PYTHONUNBUFFERED": "1",
     }
 

@@ -78,9 +78,12 @@ def test_disconnect_stops_generation_and_frees_the_model(
         first = next(d for _, d in sse_events(r.iter_lines()))
     job = job_id_of(first)  # the client is gone now
     deadline = time.monotonic() + 10
-    while not rds.exists(f"ferry:job:{job}:cancel"):
+    while not (value := rds.get(f"ferry:job:{job}:cancel")):
         assert time.monotonic() < deadline, "the handler never told the worker to stop"
         time.sleep(0.005)
+    # It waits out the grace period (FERRY_RESUME_GRACE_S=1 here) for the client to come back.
+    assert value.startswith(b"at:") and float(value[3:]) - time.time() <= 1
+    time.sleep(max(0.0, float(value[3:]) - time.time()))
     at_cancel = deltas_in(rds, job)
     while True:
         kinds = [orjson.loads(f[b"m"])["kind"] for _, f in rds.xrange(f"ferry:stream:{job}")]

@@ -1,0 +1,368 @@
+"""Files, batches, async requests and resumable streams: the OpenAI SDK against real processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+from ferry.redis_server import free_port
+from tests.conftest import SMOLLM, Proc, smollm_path, start_web, start_worker
+from tests.test_queue import sse_events
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_line(i: int, max_tokens: int = 4, **body: Any) -> dict[str, Any]:
+    return {"custom_id": f"req-{i}", "method": "POST", "url": CHAT, "body": {
+        "messages": [{"role": "user", "content": f"Say the number {i}."}],
+        "max_tokens": max_tokens, "temperature": 0, **body}}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else orjson.dumps(line)) + b"\n"
+                    for line in lines)
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return client_for(base_url)
+
+
+def run_batch(client: openai.OpenAI, lines: list[Any], endpoint: str = CHAT,
+              until: tuple[str, ...] = ("completed", "failed", "expired", "cancelled"),
+              timeout_s: float = 120) -> Any:
+    upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                  completion_window="24h")
+    return wait(client, batch.id, until, timeout_s)
+
+
+def wait(client: openai.OpenAI, batch_id: str, until: tuple[str, ...], timeout_s: float = 120
+         ) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while (batch := client.batches.retrieve(batch_id)).status not in until:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    return batch
+
+
+def results(client: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    if file_id is None:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for line in client.files.content(file_id).text.splitlines():
+        item = json.loads(line)
+        assert item["custom_id"] not in out, "a custom_id appears twice"
+        out[item["custom_id"]] = item
+    return out
+
+
+def test_files_upload_list_get_content_delete(client: openai.OpenAI) -> None:
+    data = b'{"a": 1}\n' * 1000
+    made = [client.files.create(file=(f"f{i}.jsonl", data), purpose="batch") for i in range(3)]
+    assert made[0].bytes == len(data) and made[0].filename == "f0.jsonl"
+    assert made[0].id.startswith("file-") and made[0].purpose == "batch"
+    assert client.files.retrieve(made[1].id).id == made[1].id
+    assert client.files.content(made[2].id).read() == data  # raw bytes, not a JSON string
+    page = client.files.list(purpose="batch", limit=2)
+    assert len(page.data) == 2 and page.has_more
+    ids = [f.id for f in page.data]
+    rest = client.files.list(purpose="batch", limit=2, after=ids[-1])
+    assert not set(ids) & {f.id for f in rest.data}
+    assert client.files.delete(made[0].id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(made[0].id)
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=("x.txt", b"x"), purpose="nonsense")  # type: ignore[arg-type]
+
+
+def test_chat_batch_with_a_failing_line(client: openai.OpenAI) -> None:
+    lines = [chat_line(i) for i in range(40)] + [chat_line(99, max_tokens=100_000)]
+    batch = run_batch(client, lines)
+    assert batch.status == "completed", batch
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (41, 40, 1)
+    out, errors = results(client, batch.output_file_id), results(client, batch.error_file_id)
+    assert set(out) == {f"req-{i}" for i in range(40)} and set(errors) == {"req-99"}
+    one = out["req-7"]
+    assert one["response"]["status_code"] == 200 and one["error"] is None
+    body = one["response"]["body"]  # exactly what /v1/chat/completions answers
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] <= 4
+    bad = errors["req-99"]["response"]
+    assert bad["status_code"] == 400
+    assert bad["body"]["error"]["code"] == "context_length_exceeded"
+    assert batch.usage.output_tokens == sum(
+        r["response"]["body"]["usage"]["completion_tokens"] for r in out.values())
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+
+
+def test_text_completion_batch(client: openai.OpenAI) -> None:
+    lines = [{"custom_id": f"t{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": "One, two,", "max_tokens": 3, "temperature": 0}}
+             for i in range(3)]
+    batch = run_batch(client, lines, endpoint="/v1/completions")
+    out = results(client, batch.output_file_id)
+    assert batch.status == "completed" and set(out) == {"t0", "t1", "t2"}
+    texts = {r["response"]["body"]["choices"][0]["text"] for r in out.values()}
+    assert len(texts) == 1 and texts.pop()  # the same prompt, greedy: the same answer
+
+
+def test_a_bad_file_fails_the_whole_batch(client: openai.OpenAI) -> None:
+    lines = [
+        chat_line(0),
+        b"{not json",
+        {"method": "POST", "url": CHAT, "body": {}},
+        chat_line(0),  # the same custom_id again
+        {**chat_line(4), "url": "/v1/completions"},
+        {**chat_line(5), "method": "GET"},
+        chat_line(6, stream=True),
+        chat_line(7, model="no-such-model"),
+    ]
+    batch = run_batch(client, lines)
+    assert batch.status == "failed" and batch.failed_at
+    got = {(e.code, e.line) for e in batch.errors.data}
+    assert got == {("invalid_json_line", 2), ("missing_required_parameter", 3),
+                   ("duplicate_custom_id", 4), ("mismatched_endpoint", 5),
+                   ("invalid_method", 6), ("stream_unsupported", 7), ("model_not_found", 8)}
+    assert all(e.message for e in batch.errors.data)
+    empty = run_batch(client, [])
+    assert empty.status == "failed" and empty.errors.data[0].code == "empty_file"
+
+
+def test_batch_create_refuses(client: openai.OpenAI, http: httpx.Client) -> None:
+    upload = client.files.create(file=("in.jsonl", jsonl([chat_line(0)])), purpose="user_data")
+    for body, param in [
+        ({"input_file_id": upload.id, "endpoint": CHAT, "completion_window": "24h"},
+         "input_file_id"),  # not purpose batch
+        ({"input_file_id": "file-nope", "endpoint": CHAT, "completion_window": "24h"},
+         "input_file_id"),
+        ({"input_file_id": upload.id, "endpoint": "/v1/embeddings", "completion_window": "24h"},
+         "endpoint"),
+        ({"input_file_id": upload.id, "endpoint": CHAT, "completion_window": "1h"},
+         "completion_window"),
+    ]:
+        r = http.post("/v1/batches", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_cancel_mid_batch_and_list(client: openai.OpenAI) -> None:
+    upload = client.files.create(
+        file=("in.jsonl", jsonl([chat_line(i, max_tokens=16, ignore_eos=True)
+                                 for i in range(40)])), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
+                                  completion_window="24h")
+    deadline = time.monotonic() + 60
+    while client.batches.retrieve(batch.id).request_counts.completed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    done = wait(client, batch.id, ("cancelled",), 60)
+    assert done.cancelled_at and done.cancelling_at
+    out = results(client, done.output_file_id)
+    assert 2 <= len(out) < 40 and done.request_counts.completed == len(out)
+    assert all(r["response"]["status_code"] == 200 for r in out.values())
+    # Newest first, with cursors.
+    first = client.batches.list(limit=1)
+    assert first.data[0].id == batch.id and first.has_more
+    after = client.batches.list(limit=1, after=batch.id)
+    assert after.data and after.data[0].id != batch.id
+
+
+def test_interactive_request_runs_ahead_of_a_batch(client: openai.OpenAI) -> None:
+    upload = client.files.create(
+        file=("in.jsonl", jsonl([chat_line(i, max_tokens=16, ignore_eos=True)
+                                 for i in range(40)])), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
+                                  completion_window="24h")
+    wait(client, batch.id, ("in_progress",), 30)
+    answer = client.chat.completions.create(model=SMOLLM, max_tokens=2, messages=[
+        {"role": "user", "content": "Hi"}])
+    assert answer.choices[0].message.content is not None
+    # Answered while most of the batch still waits: it did not queue behind the batch's lines.
+    assert client.batches.retrieve(batch.id).request_counts.completed < 30
+    client.batches.cancel(batch.id)
+    wait(client, batch.id, ("cancelled",), 60)
+
+
+def test_async_request_then_poll(client: openai.OpenAI, http: httpx.Client) -> None:
+    body = {"model": SMOLLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    r = http.post(CHAT, json=body, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202 and r.headers["Preference-Applied"] == "respond-async"
+    accepted = r.json()
+    assert accepted["status"] in ("queued", "in_progress") and accepted["id"].startswith("chatcmpl-")
+    assert r.headers["Location"] == f"{CHAT}/{accepted['id']}"
+    deadline = time.monotonic() + 30
+    while (got := http.get(r.headers["Location"]).json()).get("object") != "chat.completion" \
+            or "status" in got:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
+    assert got["id"] == accepted["id"] and got["choices"][0]["message"]["content"]
+    same = http.post(CHAT, json=body).json()  # greedy: the async answer is the ordinary one
+    assert got["choices"][0]["message"]["content"] == same["choices"][0]["message"]["content"]
+    streamed = http.get(f"{r.headers['Location']}/stream")
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    long = http.post(CHAT, json={**body, "max_tokens": 400, "ignore_eos": True},
+                     headers={"Prefer": "respond-async"}).json()
+    cancelled = http.post(f"{CHAT}/{long['id']}/cancel")
+    assert cancelled.status_code == 200
+    while (state := http.get(f"{CHAT}/{long['id']}").json())["status"] != "cancelled":
+        assert time.monotonic() < deadline + 30, state
+        time.sleep(0.1)
+    assert http.get(f"{CHAT}/chatcmpl-nope").status_code == 404
+
+
+def test_dropped_stream_resumes_with_every_chunk_once(base_url: str) -> None:
+    body = {"model": SMOLLM, "messages": [{"role": "user", "content": "Count."}],
+            "max_tokens": 48, "ignore_eos": True, "temperature": 0, "stream": True}
+    seen: list[tuple[str | None, str]] = []
+    with httpx.stream("POST", f"{base_url}{CHAT}", json=body, timeout=60) as r:
+        events = sse_events(r.iter_lines())
+        for _ in range(5):
+            seen.append(next(events))
+    # The client is gone; it comes back at once (within FERRY_RESUME_GRACE_S) where it left.
+    with httpx.stream("GET", f"{base_url}{CHAT}/{json.loads(seen[0][1])['id']}/stream",
+                      headers={"Last-Event-ID": str(seen[-1][0])}, timeout=60) as r:
+        rest = list(sse_events(r.iter_lines()))
+    ids = [i for i, _ in seen + rest if i]
+    assert len(ids) == len(set(ids)), "a chunk came twice"
+    datas = [d for _, d in seen + rest if d != "[DONE]"]
+    assert rest[-1][1] == "[DONE]" and '"error"' not in "".join(datas)
+    chunks = [json.loads(d) for d in datas]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    # The same completion read whole: every chunk, once each, in order.
+    whole = httpx.get(f"{base_url}{CHAT}/{chunks[0]['id']}", timeout=60).json()
+    assert text == whole["choices"][0]["message"]["content"] and text
+    assert whole["usage"]["completion_tokens"] == 48
+
+
+@pytest.fixture
+def victim(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The SmolLM2 file under another name, so its worker can be killed without harm."""
+    link = tmp_path / "victim.gguf"
+    link.symlink_to(smollm_path())
+    yield "victim", link
+
+
+def test_batch_survives_a_killed_worker_and_web(
+        env: dict[str, str], victim: tuple[str, Path], tmp_path: Path) -> None:
+    model, path = victim
+    procs: list[Proc] = [start_worker(env, str(path), tmp_path / "w1.log")]
+    web, url = start_web(env, tmp_path / "web1.log")
+    procs.append(web)
+    rds = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        client = client_for(url)
+        lines = [chat_line(i, max_tokens=12, ignore_eos=True, model=model) for i in range(30)]
+        upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
+                                      completion_window="24h")
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[0].kill()  # mid-batch: its running lines are lost with it
+        procs.append(start_worker(env, str(path), tmp_path / "w2.log"))
+        while client.batches.retrieve(batch.id).request_counts.completed < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        web.kill()  # the process driving the batch; another takes its lease over
+        web, url = start_web(env, tmp_path / "web2.log")
+        procs.append(web)
+        done = wait(client_for(url), batch.id, ("completed",), 120)
+        out = results(client_for(url), done.output_file_id)
+        assert set(out) == {f"req-{i}" for i in range(30)} and done.error_file_id is None
+        assert done.request_counts.completed == 30 and done.request_counts.failed == 0
+        assert rds.scard(f"ferry:batch:lines:{model}") == 0
+    finally:
+        for p in procs:
+            p.stop()
+        rds.close()
+
+
+def test_batch_expires_and_files_live_in_s3(env: dict[str, str], tmp_path: Path) -> None:
+    """A short completion window (a test-only setting) and files in a real S3 server (moto)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    procs: list[Proc] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+        s3.create_bucket(Bucket="ferry-files")
+        # A Redis database of its own: the session's web processes run batches too, with
+        # other settings.
+        own = {**env, **creds, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/5",
+               "FERRY_FILES_S3_BUCKET": "ferry-files", "FERRY_FILES_S3_ENDPOINT_URL": endpoint,
+               "FERRY_BATCH_WINDOW_S": "3"}
+        redis.Redis.from_url(own["REDIS_URL"]).flushdb()
+        procs.append(start_worker(own, SMOLLM, tmp_path / "worker.log"))
+        web, url = start_web(own, tmp_path / "web.log")
+        procs.append(web)
+        client = client_for(url)
+        lines = [chat_line(i, max_tokens=200, ignore_eos=True) for i in range(30)]
+        batch = run_batch(client, lines, until=("expired",), timeout_s=60)
+        assert batch.expired_at and batch.error_file_id
+        errors = results(client, batch.error_file_id)
+        done = results(client, batch.output_file_id)
+        assert set(errors) | set(done) == {f"req-{i}" for i in range(30)}
+        codes = {r["response"]["body"]["error"]["code"] for r in errors.values()}
+        assert "batch_expired" in codes
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ferry-files")["Contents"]}
+        assert f"ferry/files/{batch.input_file_id}" in keys
+        assert f"ferry/files/{batch.error_file_id}" in keys
+        body = s3.get_object(Bucket="ferry-files", Key=f"ferry/files/{batch.input_file_id}")
+        assert body["Body"].read() == jsonl(lines)
+    finally:
+        for p in procs:
+            p.stop()
+        moto.terminate()
+        moto.wait(timeout=10)
+
+
+def test_cli_submits_and_waits(base_url: str, env: dict[str, str], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    source = tmp_path / "requests.jsonl"
+    source.write_bytes(jsonl([chat_line(i) for i in range(3)]))
+    out = subprocess.run([sys.executable, "-m", "ferry", "batch", "submit", str(source),
+                          "--wait", "--url", base_url], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "3/3 completed" in out.stdout and "output: " in out.stdout
+    listed = subprocess.run([sys.executable, "-m", "ferry", "batch", "list", "--url", base_url],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines()[0] in listed.stdout
+
