@@ -21,7 +21,16 @@ from pydantic import BaseModel
 
 from shared import control, keys, liveness
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
-from shared.jobs import Delta, Error, Final, GenerationJob, cancel_value, decode, encode
+from shared.jobs import (
+    AHEAD_MS,
+    Delta,
+    Error,
+    Final,
+    GenerationJob,
+    cancel_value,
+    decode,
+    encode,
+)
 from shared.redis import serialize
 from shared.settings import Settings
 
@@ -29,7 +38,6 @@ log = logging.getLogger(__name__)
 
 GENERATE = "generate"  # the worker's job function
 READ_BLOCK_MS = 500  # how long one XREAD waits; also the tick for liveness checks and pings
-AHEAD_MS = 10**12  # ~30 years: an interactive job's place in the queue, ahead of batch lines
 
 
 class JobMeta(BaseModel):

@@ -21,6 +21,9 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
 WIRE_VERSION: Literal[1] = 1
+# An interactive job's score in its model's queue is its time less this (~30 years), so arq,
+# which takes the lowest score first, runs it ahead of every batch line (scored at its time).
+AHEAD_MS = 10**12
 
 
 class Sampling(BaseModel):

@@ -210,7 +210,7 @@ def test_users_see_only_their_own_objects(server: dict[str, Any]) -> None:
                         json={"role": "user", "content": "secret"}).json()
         conv = mine.post("/api/v1/conversations", json={"title": "c"}).json()
         run = mine.post(f"/v1/threads/{thread['id']}/runs",
-                        json={"assistant_id": asst["id"], "max_tokens": 2}).json()
+                        json={"assistant_id": asst["id"], "max_completion_tokens": 2}).json()
         assert run["id"].startswith("run")
     with client(server["b"], other["access_token"]) as theirs:
         for path in (f"/v1/assistants/{asst['id']}", f"/v1/threads/{thread['id']}",
@@ -231,6 +231,37 @@ def test_users_see_only_their_own_objects(server: dict[str, Any]) -> None:
     admin = login(server, "root", admin=True)
     with client(server["a"], admin["access_token"]) as http:
         assert http.put(f"/v1/models/{SMOLLM}/start").json()["state"] == "running"
+
+
+def test_files_and_batches_belong_to_their_user(server: dict[str, Any]) -> None:
+    owner, other = login(server, "fern"), login(server, "gus")
+    line = orjson.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"messages": [{"role": "user", "content": "Hi"}],
+                                  "max_tokens": 1}}) + b"\n"
+    with client(server["a"], owner["access_token"]) as mine:
+        made = mine.post("/v1/files", data={"purpose": "batch"},
+                         files={"file": ("in.jsonl", line)}).json()
+        batch = mine.post("/v1/batches", json={"input_file_id": made["id"], "completion_window":
+                                               "24h", "endpoint": "/v1/chat/completions"}).json()
+        assert batch["status"] == "validating"
+        key = mine.post("/api/v1/user/api-keys", json={"name": "r", "permissions": ["read"]}).json()
+    with client(server["b"], other["access_token"]) as theirs:
+        for path in (f"/v1/files/{made['id']}", f"/v1/files/{made['id']}/content",
+                     f"/v1/batches/{batch['id']}"):
+            error_of(theirs.get(path), 404)
+        error_of(theirs.post(f"/v1/batches/{batch['id']}/cancel"), 404)
+        error_of(theirs.delete(f"/v1/files/{made['id']}"), 404)
+        assert theirs.get("/v1/files").json()["data"] == []
+        assert theirs.get("/v1/batches").json()["data"] == []
+        refused = theirs.post("/v1/batches", json={"input_file_id": made["id"], "endpoint":
+                                                   "/v1/chat/completions", "completion_window": "24h"})
+        assert error_of(refused, 400)["param"] == "input_file_id"  # not theirs to read
+    with client(server["b"], key["key"]) as reader:  # a read key lists and downloads, no more
+        assert reader.get(f"/v1/files/{made['id']}/content").content == line
+        assert [b["id"] for b in reader.get("/v1/batches").json()["data"]] == [batch["id"]]
+        error_of(reader.post("/v1/files", data={"purpose": "batch"},
+                             files={"file": ("in.jsonl", line)}), 403)
+        error_of(reader.post(f"/v1/batches/{batch['id']}/cancel"), 403)
 
 
 def test_rate_limits_hold_across_web_processes(server: dict[str, Any]) -> None:

@@ -13,9 +13,11 @@ import logging
 from typing import Any
 
 from arq import Worker
+from arq.utils import timestamp_ms
 from arq.worker import func
 
 from shared import keys
+from shared.jobs import AHEAD_MS
 from shared.redis import deserialize, redis_settings, serialize
 from workers.state import WorkerState
 
@@ -36,6 +38,13 @@ class FerryWorker(Worker):
         super().__init__(poll_delay=0, **kwargs)
         self.wake_key = wake_key
         self._job_done = asyncio.Event()
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        # An interactive job is queued AHEAD_MS early (ahead of batch lines): arq logs, and puts
+        # in the job's context, the time it was really queued.
+        if score < timestamp_ms() - AHEAD_MS // 2:
+            score += AHEAD_MS
+        await super().run_job(job_id, score)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
