@@ -18,6 +18,7 @@ from typing import IO, Any, Protocol
 from shared.settings import Settings
 
 CHUNK = 1 << 20
+PART = 8 << 20  # an S3 upload's part
 
 
 class FileStore(Protocol):
@@ -63,9 +64,29 @@ class S3Files:
             region_name=settings.s3_region)
 
     def put(self, key: str, source: IO[bytes]) -> int:
-        self.client.upload_fileobj(source, self.bucket, self.prefix + key)  # multipart, streamed
-        head = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        return int(head["ContentLength"])
+        """A multipart upload, one part at a time: memory holds one part, never the file."""
+        target = {"Bucket": self.bucket, "Key": self.prefix + key}
+        first = source.read(PART)
+        if len(first) < PART:  # small: one request
+            self.client.put_object(Body=first, **target)
+            return len(first)
+        upload = self.client.create_multipart_upload(**target)["UploadId"]
+        parts: list[dict[str, Any]] = []
+        size, data = 0, first
+        try:
+            while data:
+                number = len(parts) + 1
+                etag = self.client.upload_part(Body=data, PartNumber=number, UploadId=upload,
+                                               **target)["ETag"]
+                parts.append({"ETag": etag, "PartNumber": number})
+                size += len(data)
+                data = source.read(PART)
+            self.client.complete_multipart_upload(UploadId=upload,
+                                                  MultipartUpload={"Parts": parts}, **target)
+        except Exception:
+            self.client.abort_multipart_upload(UploadId=upload, **target)
+            raise
+        return size
 
     def chunks(self, key: str) -> Iterator[bytes]:
         body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"]

@@ -20,6 +20,7 @@ from tests.conftest import SMOLLM, Proc, smollm_path, start_web, start_worker
 from tests.test_queue import sse_events
 
 CHAT = "/v1/chat/completions"
+LIMIT = 48 << 20  # the largest upload, in the test with its own web process
 
 
 def chat_line(i: int, max_tokens: int = 4, **body: Any) -> dict[str, Any]:
@@ -323,7 +324,8 @@ def test_batch_expires_and_files_live_in_s3(env: dict[str, str], tmp_path: Path)
         # other settings.
         own = {**env, **creds, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/5",
                "FERRY_FILES_S3_BUCKET": "ferry-files", "FERRY_FILES_S3_ENDPOINT_URL": endpoint,
-               "FERRY_BATCH_WINDOW_S": "3"}
+               "FERRY_BATCH_WINDOW_S": "3", "FERRY_FILES_MAX_BYTES": str(LIMIT),
+               "FERRY_BATCH_MAX_LINES": "30"}
         redis.Redis.from_url(own["REDIS_URL"]).flushdb()
         procs.append(start_worker(own, SMOLLM, tmp_path / "worker.log"))
         web, url = start_web(own, tmp_path / "web.log")
@@ -342,6 +344,23 @@ def test_batch_expires_and_files_live_in_s3(env: dict[str, str], tmp_path: Path)
         assert f"ferry/files/{batch.error_file_id}" in keys
         body = s3.get_object(Bucket="ferry-files", Key=f"ferry/files/{batch.input_file_id}")
         assert body["Body"].read() == jsonl(lines)
+        too_many = run_batch(client, [chat_line(i) for i in range(31)])
+        assert too_many.status == "failed"
+        assert too_many.errors.data[0].code == "too_many_lines"
+
+        # Uploads stream through to the store: a 40 MB file raises the web process's peak
+        # memory by a few S3 parts at most, not by the file; one over the limit is 413.
+        def peak_rss() -> int:
+            status = Path(f"/proc/{web.p.pid}/status").read_text()
+            return int(next(v for k, v in (line.split(":", 1) for line in status.splitlines())
+                            if k == "VmHWM").split()[0]) * 1024
+
+        before = peak_rss()
+        big = client.files.create(file=("big.bin", b"x" * (40 << 20)), purpose="user_data")
+        assert big.bytes == 40 << 20 and peak_rss() - before < 28 << 20
+        over = httpx.post(f"{url}/v1/files", data={"purpose": "user_data"},
+                          files={"file": ("over.bin", b"x" * (LIMIT + 1000))}, timeout=60)
+        assert over.status_code == 413 and over.json()["error"]["message"]
     finally:
         for p in procs:
             p.stop()
