@@ -40,7 +40,7 @@ from shared.protocol import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger(__name__)
 
 LEASE_S = 10
-TICK_S = 0.2
+TICK_S = 0.05  # a line that ends waits at most this long for the next to go in
 MAX_ERRORS = 100  # validation errors reported per batch
 
 

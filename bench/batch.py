@@ -1,0 +1,124 @@
+"""Batch benchmark: how long a batch of N chat requests takes, and what it does to interactive
+requests' time to first token.
+
+Starts a private Redis, a Ferry worker and a web process on loopback (as bench/stream.py does),
+then: interactive TTFT on the idle server (--probes streams, one at a time), the batch alone
+(upload → create → completed), and the same batch again with the same probes fired while it runs.
+
+    python bench/batch.py [--lines 1000] [--tokens 16] [--probes 20] [--parallel 8] [--gpu N]
+
+Prints the batch's wall time and requests/s and tokens/s, and TTFT p50/p95 idle and during the
+batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stream import Processes, pct, redis_url  # noqa: E402
+from ferry.redis_server import free_port  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+
+def batch_file(lines: int, tokens: int) -> bytes:
+    return b"".join(orjson.dumps({
+        "custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "max_tokens": tokens, "ignore_eos": True, "messages": [
+            {"role": "user", "content": f"Request {i}: write a sentence about the sea."}]},
+    }) + b"\n" for i in range(lines))
+
+
+def run_batch(http: httpx.Client, data: bytes) -> tuple[float, dict[str, object]]:
+    start = time.perf_counter()
+    upload = http.post("/v1/files", data={"purpose": "batch"},
+                       files={"file": ("bench.jsonl", data)}).json()
+    batch = http.post("/v1/batches", json={"input_file_id": upload["id"], "completion_window":
+                                           "24h", "endpoint": "/v1/chat/completions"}).json()
+    while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.25)
+        batch = http.get(f"/v1/batches/{batch['id']}").json()
+    return time.perf_counter() - start, batch
+
+
+def ttft(http: httpx.Client, i: int) -> float:
+    body = {"model": MODEL, "max_tokens": 4, "stream": True, "messages": [
+        {"role": "user", "content": f"Probe {i}: say hi."}]}
+    start = time.perf_counter()
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                first = time.perf_counter() - start
+                for _ in lines:
+                    pass
+                return first
+    raise RuntimeError("no token came")
+
+
+def probes(http: httpx.Client, count: int, gap_s: float = 0.5) -> list[float]:
+    out = []
+    for i in range(count):
+        out.append(ttft(http, i))
+        time.sleep(gap_s)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lines", type=int, default=1000)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--probes", type=int, default=20)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--gpu", type=int)
+    args = p.parse_args()
+    logs = Path(tempfile.mkdtemp(prefix="ferry-batch-bench-"))
+    env = dict(os.environ)
+    port = free_port()
+    with redis_url(env, logs) as url, Processes(logs) as procs:
+        fenv = dict(os.environ, REDIS_URL=url, FERRY_DATA_DIR=str(logs / "data"),
+                    FERRY_PARALLEL=str(args.parallel), PYTHONUNBUFFERED="1")
+        ferry = [sys.executable, "-m", "ferry"]
+        device = ["--gpu", str(args.gpu)] if args.gpu is not None else ["--cpu"]
+        procs.start("ferry-worker", [*ferry, "worker", "--model", MODEL, *device], fenv)
+        procs.start("ferry-web", [*ferry, "web", "--port", str(port)], fenv)
+        base = f"http://127.0.0.1:{port}"
+        procs.wait_healthy("ferry-web", base)
+        with httpx.Client(base_url=base, timeout=600) as http:
+            probes(http, 3)  # warm up
+            idle = probes(http, args.probes)
+            data = batch_file(args.lines, args.tokens)
+            alone_s, batch = run_batch(http, data)
+            during: list[float] = []
+            prober = httpx.Client(base_url=base, timeout=600)
+            runner = threading.Thread(target=lambda: during.extend(
+                probes(prober, args.probes, gap_s=max(0.5, alone_s / args.probes / 2))))
+            runner.start()
+            loaded_s, _ = run_batch(http, data)
+            runner.join()
+            prober.close()
+        counts = batch["request_counts"]
+        tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
+        print(f"batch of {args.lines} chat requests x {args.tokens} tokens: {alone_s:.1f} s "
+              f"({counts['completed']} completed, {counts['failed']} failed; "  # type: ignore[index]
+              f"{args.lines / alone_s:.1f} requests/s, {tokens / alone_s:.0f} tokens/s); "
+              f"with probes: {loaded_s:.1f} s")
+        print(f"interactive TTFT idle:         p50 {pct(idle, 0.5) * 1000:.0f} ms, "
+              f"p95 {pct(idle, 0.95) * 1000:.0f} ms ({len(idle)} probes)")
+        print(f"interactive TTFT during batch: p50 {pct(during, 0.5) * 1000:.0f} ms, "
+              f"p95 {pct(during, 0.95) * 1000:.0f} ms ({len(during)} probes)")
+
+
+if __name__ == "__main__":
+    main()
