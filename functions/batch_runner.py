@@ -159,7 +159,8 @@ class BatchDriver:
             pipe.delete(self.key("input"), self.key("next"), self.key("running"),
                         self.key("results"))
             for k in range(0, len(entries), 1000):
-                pipe.rpush(self.key("input"), *(orjson.dumps(e) for e in entries[k:k + 1000]))
+                pipe.hset(self.key("input"), mapping={
+                    str(k + j): orjson.dumps(e).decode() for j, e in enumerate(entries[k:k + 1000])})
             await pipe.execute()
         now = int(time.time())
         await self._update({"validating"}, status="in_progress", in_progress_at=now,
@@ -173,7 +174,7 @@ class BatchDriver:
         total = batch.request_counts.total
         sent = int(await self.redis.get(self.key("next")) or 0)
         while sent < total:
-            entry = orjson.loads(await self.redis.lindex(self.key("input"), sent))
+            entry = orjson.loads(await self.redis.hget(self.key("input"), str(sent)))
             model = (entry["body"].get("model") or self.st.settings.default_model)
             if await self.redis.scard(keys.batch_lines(model)) >= await self._window(model):
                 break
@@ -201,7 +202,9 @@ class BatchDriver:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.key("results"), str(line), _result(entry, error.status,
                                                                   error.to_dict(), ok=False))
-                pipe.set(self.key("next"), line + 1)
+                pipe.hdel(self.key("running"), str(line))
+                if attempt == 0:
+                    pipe.set(self.key("next"), line + 1)
                 await pipe.execute()
             await self._count(failed=1)
             return
@@ -229,7 +232,7 @@ class BatchDriver:
             if last and not isinstance(decode(last[0][1][b"m"]), Delta):
                 await self._finish(line, running)
             elif await self._lost(running):
-                entry = orjson.loads(await self.redis.lindex(self.key("input"), line))
+                entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
                 await self.redis.srem(keys.batch_lines(running["model"]), job)
                 await self._start(batch, line, entry, running["attempt"] + 1)
 
@@ -254,7 +257,7 @@ class BatchDriver:
         job = running["job"]
         messages = [decode(f[b"m"]) for _, f in await self.redis.xrange(keys.stream(job))]
         end = messages[-1]
-        entry = orjson.loads(await self.redis.lindex(self.key("input"), line))
+        entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
         if isinstance(end, Final):
             meta = JobMeta(id=job, kind=running["kind"], model=running["model"],
                            created=running["created"])
@@ -322,7 +325,7 @@ class BatchDriver:
         if status == "expired":
             for line in range(batch.request_counts.total):
                 if line not in results:
-                    entry = orjson.loads(await self.redis.lindex(self.key("input"), line))
+                    entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
                     error = InvalidRequest("The batch expired before this request ran",
                                            code="batch_expired")
                     results[line] = orjson.loads(_result(entry, 400, error.to_dict(), ok=False))
@@ -358,7 +361,10 @@ class BatchDriver:
         return file_id
 
     async def _forget(self) -> None:
+        running = [orjson.loads(r) for r in await self.redis.hvals(self.key("running"))]
         async with self.redis.pipeline(transaction=True) as pipe:
+            for r in running:  # still running when the batch expired: its place is free again
+                pipe.srem(keys.batch_lines(r["model"]), r["job"])
             pipe.delete(*(self.key(p) for p in ("input", "next", "running", "results", "lease")))
             pipe.srem(keys.BATCHES, self.id)
             await pipe.execute()

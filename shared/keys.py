@@ -39,7 +39,7 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:metrics:{kind}:{model}``  hash: a histogram's cumulative buckets, "+Inf" and "sum"
 - ``ferry:batches``                 set of batch ids not yet finished (a batch runner drives each)
 - ``ferry:batch:{id}:lease``        the web process driving the batch now (expires if it dies)
-- ``ferry:batch:{id}:input``        list: the batch's request lines, as validated
+- ``ferry:batch:{id}:input``        hash: line number -> the request (JSON), as validated
 - ``ferry:batch:{id}:next``         how many lines have been handed to the queue
 - ``ferry:batch:{id}:running``      hash: line number -> the job running it (JSON)
 - ``ferry:batch:{id}:results``      hash: line number -> its result line (JSON), output or error
