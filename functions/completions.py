@@ -50,7 +50,8 @@ async def resume(job_id: str) -> Response:
     renderer = Renderer(meta)
     for seen in await deltas_upto(st.redis, job_id, after):
         renderer.chunk(seen)
-    stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after)
+    stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after,
+                       cancel_on_exit=not meta.detached)
     return await _stream(stream, renderer)
 
 
@@ -106,6 +107,7 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
     meta = JobMeta(
         id=job.id, kind=job.kind, model=model.id, created=int(time.time()),
         include_usage=req.stream and req.include_usage, choices=job.choice_count,
+        detached=respond_async,
     )
     await submit(st.redis, job, meta, st.settings)
     if respond_async:

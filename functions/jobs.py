@@ -49,6 +49,7 @@ class JobMeta(BaseModel):
     created: int
     include_usage: bool = False
     choices: int = 1  # how many choices the answer has
+    detached: bool = False  # an async request: no reader leaving ever cancels it
 
 
 # arq's `enqueue_job` (its job key, payload and queue score), but only while the queue holds

@@ -218,6 +218,17 @@ def test_async_request_then_poll(client: openai.OpenAI, http: httpx.Client) -> N
     assert got["choices"][0]["message"]["content"] == same["choices"][0]["message"]["content"]
     streamed = http.get(f"{r.headers['Location']}/stream")
     assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    # A reader of an async job's stream that drops does not cancel it.
+    kept = http.post(CHAT, json={**body, "max_tokens": 32, "ignore_eos": True},
+                     headers={"Prefer": "respond-async"}).json()
+    with httpx.stream("GET", f"{http.base_url}{CHAT}/{kept['id']}/stream", timeout=60) as s:
+        next(sse_events(s.iter_lines()))
+    time.sleep(1.5)  # past FERRY_RESUME_GRACE_S
+    while (state := http.get(f"{CHAT}/{kept['id']}").json()).get("status") in (
+            "queued", "in_progress"):
+        assert time.monotonic() < deadline + 30, state
+        time.sleep(0.1)
+    assert state["usage"]["completion_tokens"] == 32, state
     long = http.post(CHAT, json={**body, "max_tokens": 400, "ignore_eos": True},
                      headers={"Prefer": "respond-async"}).json()
     cancelled = http.post(f"{CHAT}/{long['id']}/cancel")

@@ -93,7 +93,9 @@ def test_disconnect_stops_generation_and_frees_the_model(
         time.sleep(0.05)
     last = orjson.loads(rds.xrevrange(f"ferry:stream:{job}", count=1)[0][1][b"m"])
     assert last["code"] == "cancelled"
-    assert deltas_in(rds, job) - at_cancel <= 2  # stopped within a token or two of the cancel
+    # The worker reads the flag when it next writes (every 20 ms) and stops at its next step:
+    # a few tokens after the deadline at most, on this machine's ~10 ms steps.
+    assert deltas_in(rds, job) - at_cancel <= 5
     assert deltas_in(rds, job) < 400
     # The model is free: the next request is served at once.
     r2 = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
