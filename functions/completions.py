@@ -17,7 +17,7 @@ from functions.render import Renderer
 from functions.sse import Event
 from functions.state import parse_body, state
 from shared import keys, models
-from shared.errors import from_wire
+from shared.errors import NotFound, from_wire
 from shared.jobs import Delta, Error, Final, Reply, cancel_value, decode
 from shared.objects import check_id, new_id
 from shared.protocol import ChatCompletionRequest, CompletionRequest
@@ -44,7 +44,11 @@ async def resume(job_id: str) -> Response:
     """Replay a stream after `Last-Event-ID` (header or query), then follow it live."""
     st = state()
     job_id = _job_id(job_id)
-    meta = await load_meta(st.redis, job_id)
+    meta = await load_meta(st.redis, job_id, started=False)
+    if not await st.redis.exists(keys.stream(job_id)) and \
+            await st.redis.zscore(keys.queue(meta.model), job_id) is None:
+        raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)",
+                       code="stream_not_found")  # neither written nor waiting to be
     await reader_back(st.redis, job_id)
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     renderer = Renderer(meta)
