@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from functions.jobs import JobMeta
-from shared.jobs import Delta, Logprobs, ToolCallDelta, Usage
+from shared.jobs import Delta, Logprobs, ToolCallDelta, Usage, add_tool_call
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -100,11 +100,8 @@ class Renderer:
         calls: list[list[dict[str, Any]]] = [[] for _ in range(choice_count)]
         for d in deltas:
             texts[d.index] += d.text
-            if (tc := d.tool_call) is not None:
-                if tc.id is not None:
-                    calls[d.index].append({"id": tc.id, "type": "function",
-                                           "function": {"name": tc.name, "arguments": ""}})
-                calls[d.index][tc.index]["function"]["arguments"] += tc.arguments
+            if d.tool_call is not None:
+                add_tool_call(calls[d.index], d.tool_call)
             finish[d.index] = d.finish_reason or finish[d.index]
             if d.logprobs:
                 logprobs[d.index] = (logprobs[d.index] or []) + [d.logprobs]

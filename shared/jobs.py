@@ -107,6 +107,14 @@ class ToolCallDelta(BaseModel):
     arguments: str = ""
 
 
+def add_tool_call(calls: list[dict[str, Any]], piece: ToolCallDelta) -> None:
+    """Fold one piece into `calls`, OpenAI's `tool_calls` list of one choice."""
+    if piece.id is not None:
+        calls.append({"id": piece.id, "type": "function",
+                      "function": {"name": piece.name, "arguments": ""}})
+    calls[piece.index]["function"]["arguments"] += piece.arguments
+
+
 class Delta(BaseModel):
     kind: Literal["delta"] = "delta"
     index: int

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.jobs import Delta, Error, Final, encode, is_cancelled
+from shared.jobs import Delta, Error, Final, add_tool_call, encode, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,8 @@ class Answer:
                 if m.index == 0:
                     self.parts.append(m.text)
                     self.finish_reason = m.finish_reason or self.finish_reason
-                    if (tc := m.tool_call) is not None:
-                        if tc.id is not None:
-                            self.tool_calls.append({"id": tc.id, "type": "function", "function": {
-                                "name": tc.name, "arguments": ""}})
-                        self.tool_calls[tc.index]["function"]["arguments"] += tc.arguments
+                    if m.tool_call is not None:
+                        add_tool_call(self.tool_calls, m.tool_call)
             elif isinstance(m, Final):
                 self.final = m
                 if self.hold_final:
