@@ -27,13 +27,13 @@ import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from functions.jobs import JobMeta, submit
+from functions.jobs import JobMeta, has_ended, read_all, submit, withdraw
 from functions.render import Renderer
 from functions.state import FerryState, invalid
 from shared import keys, liveness, models, store
 from shared.errors import FerryError, InvalidRequest, from_wire
 from shared.files import file_store, lines
-from shared.jobs import Delta, Error, Final, decode
+from shared.jobs import Delta, Error, Final, cancel_value
 from shared.objects import Batch, BatchCounts, FileObject
 from shared.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -209,16 +209,15 @@ class BatchDriver:
             await self._count(failed=1)
             return
         job.id = f"{self.id}-{line}-{attempt}"
-        created = int(time.time())
-        running = {"job": job.id, "model": record.id, "kind": job.kind,
-                   "choices": job.choice_count, "attempt": attempt, "created": created}
+        meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=int(time.time()),
+                       choices=job.choice_count)
+        running = {**meta.model_dump(), "attempt": attempt}  # what _finish renders with
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("running"), str(line), orjson.dumps(running).decode())
             pipe.sadd(keys.batch_lines(record.id), job.id)
             if attempt == 0:
                 pipe.set(self.key("next"), line + 1)
             await pipe.execute()
-        meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=created)
         try:
             await submit(self.redis, job, meta, self.st.settings, background=True)
         except FerryError as e:  # queue full, no worker yet: it goes again from `_collect`
@@ -227,42 +226,33 @@ class BatchDriver:
     async def _collect(self, batch: Batch) -> None:
         for line_b, raw in (await self.redis.hgetall(self.key("running"))).items():
             line, running = int(line_b), orjson.loads(raw)
-            job = running["job"]
-            last = await self.redis.xrevrange(keys.stream(job), count=1)
-            if last and not isinstance(decode(last[0][1][b"m"]), Delta):
+            if await has_ended(self.redis, running["id"]):
                 await self._finish(line, running)
             elif await self._lost(running):
+                log.warning("batch %s: job %s was lost; running line %d again", self.id,
+                            running["id"], line)
+                await withdraw(self.redis, running["id"], running["model"], self.st.settings)
+                await self.redis.srem(keys.batch_lines(running["model"]), running["id"])
                 entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
-                await self.redis.srem(keys.batch_lines(running["model"]), job)
                 await self._start(batch, line, entry, running["attempt"] + 1)
 
     async def _lost(self, running: dict[str, Any]) -> bool:
-        """Whether the line's job will never end: not queued, or its worker died under it."""
-        job = running["job"]
-        if await self.redis.zscore(keys.queue(running["model"]), job) is None:
-            return True  # not queued, and its stream has no end: it never got there, or arq
-            # dropped it (a job arq finds orphaned after its worker died is not run again)
-        owner = await self.redis.get(keys.job_worker(job))
-        if owner is None or await liveness.is_alive(self.redis, owner.decode()):
-            return False
-        async with self.redis.pipeline(transaction=True) as pipe:  # as JobStream._abandon does
-            pipe.zrem(keys.queue(running["model"]), job)
-            pipe.delete(*keys.arq_job_keys(job))
-            pipe.set(keys.job_cancel(job), b"1", ex=self.st.settings.stream_ttl_s)
-            await pipe.execute()
-        log.warning("batch %s: worker of job %s died; running the line again", self.id, job)
-        return True
+        """Whether the line's job, whose stream has no end yet, will never end: it is not
+        queued (it never got there, or arq dropped it: a job arq finds orphaned after its
+        worker died is not run again), or its worker died under it."""
+        if await self.redis.zscore(keys.queue(running["model"]), running["id"]) is None:
+            return True
+        owner = await self.redis.get(keys.job_worker(running["id"]))
+        return owner is not None and not await liveness.is_alive(self.redis, owner.decode())
 
     async def _finish(self, line: int, running: dict[str, Any]) -> None:
-        job = running["job"]
-        messages = [decode(f[b"m"]) for _, f in await self.redis.xrange(keys.stream(job))]
+        meta = JobMeta.model_validate(running)
+        messages = await read_all(self.redis, meta.id)
         end = messages[-1]
         entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
         if isinstance(end, Final):
-            meta = JobMeta(id=job, kind=running["kind"], model=running["model"],
-                           created=running["created"])
             body = Renderer(meta).response([m for m in messages if isinstance(m, Delta)],
-                                           end.usage, running["choices"])
+                                           end.usage, meta.choices)
             result, ok = _result(entry, 200, body, ok=True), True
         else:
             assert isinstance(end, Error)
@@ -271,7 +261,7 @@ class BatchDriver:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("results"), str(line), result)
             pipe.hdel(self.key("running"), str(line))
-            pipe.srem(keys.batch_lines(running["model"]), job)
+            pipe.srem(keys.batch_lines(meta.model), meta.id)
             placed = await pipe.execute()
         if placed[0]:  # a new result, not one written again after a crash
             usage = end.usage if isinstance(end, Final) else None
@@ -300,22 +290,21 @@ class BatchDriver:
     async def _stop(self) -> bool:
         """Queued lines leave the queue now; running ones are asked to stop. True once none
         is left running."""
+        settings = self.st.settings
         for line_b, raw in (await self.redis.hgetall(self.key("running"))).items():
             running = orjson.loads(raw)
-            job = running["job"]
-            last = await self.redis.xrevrange(keys.stream(job), count=1)
-            if last and not isinstance(decode(last[0][1][b"m"]), Delta):
+            job, model = running["id"], running["model"]
+            if await has_ended(self.redis, job):
                 await self._finish(int(line_b), running)  # it ended in time: keep it
-                continue
-            started = await self.redis.exists(keys.job_worker(job))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(keys.job_cancel(job), b"1", ex=self.st.settings.stream_ttl_s)
-                if not started or await self._lost(running):
-                    pipe.zrem(keys.queue(running["model"]), job)
-                    pipe.delete(*keys.arq_job_keys(job))
+            elif await self.redis.exists(keys.job_worker(job)) and not await self._lost(running):
+                # Running: it stops at its next token, and is collected once it has.
+                await self.redis.set(keys.job_cancel(job), cancel_value(), ex=settings.stream_ttl_s)
+            else:
+                await withdraw(self.redis, job, model, settings)
+                async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.hdel(self.key("running"), line_b)
-                    pipe.srem(keys.batch_lines(running["model"]), job)
-                await pipe.execute()
+                    pipe.srem(keys.batch_lines(model), job)
+                    await pipe.execute()
         return not await self.redis.hlen(self.key("running"))
 
     async def _finalize(self, batch: Batch, status: str) -> None:
@@ -364,7 +353,7 @@ class BatchDriver:
         running = [orjson.loads(r) for r in await self.redis.hvals(self.key("running"))]
         async with self.redis.pipeline(transaction=True) as pipe:
             for r in running:  # still running when the batch expired: its place is free again
-                pipe.srem(keys.batch_lines(r["model"]), r["job"])
+                pipe.srem(keys.batch_lines(r["model"]), r["id"])
             pipe.delete(*(self.key(p) for p in ("input", "next", "running", "results", "lease")))
             pipe.srem(keys.BATCHES, self.id)
             await pipe.execute()

@@ -11,14 +11,22 @@ from quart import Blueprint, Response, request
 from functions import responses as r
 from functions import sse
 from functions.conversations import record_turn
-from functions.jobs import JobMeta, JobStream, deltas_upto, load_meta, reader_back, submit
+from functions.jobs import (
+    JobMeta,
+    JobStream,
+    deltas_upto,
+    load_meta,
+    read_all,
+    reader_back,
+    submit,
+)
 from functions.openapi import STREAM, operation
 from functions.render import Renderer
 from functions.sse import Event
 from functions.state import parse_body, state
 from shared import keys, models
 from shared.errors import NotFound, from_wire
-from shared.jobs import Delta, Error, Final, Reply, cancel_value, decode
+from shared.jobs import Delta, Error, Final, Reply, cancel_value
 from shared.objects import check_id, new_id
 from shared.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -68,7 +76,7 @@ async def get(job_id: str) -> Any:
     job_id = _job_id(job_id)
     meta = await load_meta(st.redis, job_id, started=False)
     renderer = Renderer(meta)
-    messages = [decode(f[b"m"]) for _, f in await st.redis.xrange(keys.stream(job_id))]
+    messages = await read_all(st.redis, job_id)
     if messages and isinstance(messages[-1], Final):
         return renderer.response([m for m in messages if isinstance(m, Delta)],
                                  messages[-1].usage, meta.choices)

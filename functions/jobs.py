@@ -205,16 +205,35 @@ class JobStream:
     async def _abandon(self, error: WorkerLost | NoWorker) -> None:
         """Take the job off the queue and record why in its stream, then raise."""
         self._ended = True
-        message = Error(status=error.status, message=error.message, code=error.code)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.queue(self.model), self.job_id)
-            pipe.delete(*keys.arq_job_keys(self.job_id))
-            pipe.set(keys.job_cancel(self.job_id), b"1", ex=self.settings.stream_ttl_s)
-            pipe.xadd(keys.stream(self.job_id), {"m": encode(message)})
-            pipe.expire(keys.stream(self.job_id), self.settings.stream_ttl_s)
-            await pipe.execute()
+        await withdraw(self.redis, self.job_id, self.model, self.settings,
+                       Error(status=error.status, message=error.message, code=error.code))
         log.warning("job %s abandoned: %s", self.job_id, error.message)
         raise error
+
+
+async def withdraw(redis: ArqRedis, job_id: str, model: str, settings: Settings,
+                   error: Error | None = None) -> None:
+    """Take a job off its queue for good: arq forgets it, a worker still on it stops, and
+    `error`, if given, ends its stream."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(keys.queue(model), job_id)
+        pipe.delete(*keys.arq_job_keys(job_id))
+        pipe.set(keys.job_cancel(job_id), cancel_value(), ex=settings.stream_ttl_s)
+        if error is not None:
+            pipe.xadd(keys.stream(job_id), {"m": encode(error)})
+            pipe.expire(keys.stream(job_id), settings.stream_ttl_s)
+        await pipe.execute()
+
+
+async def read_all(redis: ArqRedis, job_id: str) -> list[Delta | Final | Error]:
+    """Every message of the job's stream so far."""
+    return [decode(f[b"m"]) for _, f in await redis.xrange(keys.stream(job_id))]
+
+
+async def has_ended(redis: ArqRedis, job_id: str) -> bool:
+    """Whether the job's stream holds its last message (a final or an error)."""
+    last = await redis.xrevrange(keys.stream(job_id), count=1)
+    return bool(last) and not isinstance(decode(last[0][1][b"m"]), Delta)
 
 
 def _error(message: Error) -> Exception:
