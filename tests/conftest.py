@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -114,6 +116,31 @@ def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Ite
     proc = start_worker(env, SMOLLM, tmp_path_factory.mktemp("logs") / "worker.log")
     yield proc
     proc.stop()
+
+
+@contextmanager
+def moto_s3() -> Iterator[tuple[str, Any]]:
+    """moto's S3-compatible server on loopback: its endpoint and a boto3 client for it."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.1)
+        yield endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                     aws_access_key_id="test", aws_secret_access_key="test")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def start_web(env: dict[str, str], log: Path) -> tuple[Proc, str]:

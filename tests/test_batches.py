@@ -8,15 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import openai
 import orjson
 import pytest
 import redis
 
-from ferry.redis_server import free_port
-from tests.conftest import SMOLLM, Proc, smollm_path, start_web, start_worker
+from tests.conftest import SMOLLM, Proc, moto_s3, smollm_path, start_web, start_worker
 from tests.test_queue import sse_events
 
 CHAT = "/v1/chat/completions"
@@ -46,10 +44,13 @@ def client(base_url: str) -> openai.OpenAI:
 def run_batch(client: openai.OpenAI, lines: list[Any], endpoint: str = CHAT,
               until: tuple[str, ...] = ("completed", "failed", "expired", "cancelled"),
               timeout_s: float = 120) -> Any:
+    return wait(client, start_batch(client, lines, endpoint).id, until, timeout_s)
+
+
+def start_batch(client: openai.OpenAI, lines: list[Any], endpoint: str = CHAT) -> Any:
     upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint,  # type: ignore[arg-type]
-                                  completion_window="24h")
-    return wait(client, batch.id, until, timeout_s)
+    return client.batches.create(input_file_id=upload.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                 completion_window="24h")
 
 
 def wait(client: openai.OpenAI, batch_id: str, until: tuple[str, ...], timeout_s: float = 120
@@ -162,11 +163,9 @@ def test_batch_create_refuses(client: openai.OpenAI, http: httpx.Client) -> None
 
 
 def test_cancel_mid_batch_and_list(client: openai.OpenAI) -> None:
-    upload = client.files.create(
-        file=("in.jsonl", jsonl([chat_line(i, max_tokens=16, ignore_eos=True)
-                                 for i in range(40)])), purpose="batch")
-    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
-                                  completion_window="24h")
+    earlier = start_batch(client, [chat_line(0)])  # so the list below has a second page
+    batch = start_batch(client, [chat_line(i, max_tokens=16, ignore_eos=True)
+                                 for i in range(40)])
     deadline = time.monotonic() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 2:
         assert time.monotonic() < deadline
@@ -181,15 +180,12 @@ def test_cancel_mid_batch_and_list(client: openai.OpenAI) -> None:
     first = client.batches.list(limit=1)
     assert first.data[0].id == batch.id and first.has_more
     after = client.batches.list(limit=1, after=batch.id)
-    assert after.data and after.data[0].id != batch.id
+    assert after.data and after.data[0].id == earlier.id
 
 
 def test_interactive_request_runs_ahead_of_a_batch(client: openai.OpenAI) -> None:
-    upload = client.files.create(
-        file=("in.jsonl", jsonl([chat_line(i, max_tokens=16, ignore_eos=True)
-                                 for i in range(40)])), purpose="batch")
-    batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
-                                  completion_window="24h")
+    batch = start_batch(client, [chat_line(i, max_tokens=16, ignore_eos=True)
+                                 for i in range(40)])
     wait(client, batch.id, ("in_progress",), 30)
     answer = client.chat.completions.create(model=SMOLLM, max_tokens=2, messages=[
         {"role": "user", "content": "Hi"}])
@@ -282,9 +278,7 @@ def test_batch_survives_a_killed_worker_and_web(
     try:
         client = client_for(url)
         lines = [chat_line(i, max_tokens=12, ignore_eos=True, model=model) for i in range(30)]
-        upload = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-        batch = client.batches.create(input_file_id=upload.id, endpoint=CHAT,
-                                      completion_window="24h")
+        batch = start_batch(client, lines)
         deadline = time.monotonic() + 60
         while client.batches.retrieve(batch.id).request_counts.completed < 3:
             assert time.monotonic() < deadline
@@ -308,29 +302,20 @@ def test_batch_survives_a_killed_worker_and_web(
         rds.close()
 
 
-def test_batch_expires_and_files_live_in_s3(env: dict[str, str], tmp_path: Path) -> None:
-    """A short completion window (a test-only setting) and files in a real S3 server (moto)."""
-    import subprocess
-    import sys
+@pytest.fixture
+def files_s3() -> Iterator[tuple[str, Any]]:
+    with moto_s3() as (endpoint, s3):
+        s3.create_bucket(Bucket="ferry-files")
+        yield endpoint, s3
 
-    port = free_port()
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+
+def test_batch_expires_and_files_live_in_s3(env: dict[str, str], files_s3: tuple[str, Any],
+                                            tmp_path: Path) -> None:
+    """A short completion window (a test-only setting) and files in a real S3 server (moto)."""
+    endpoint, s3 = files_s3
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     procs: list[Proc] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")
-        s3.create_bucket(Bucket="ferry-files")
         # A Redis database of its own: the session's web processes run batches too, with
         # other settings.
         own = {**env, **creds, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/5",
@@ -375,8 +360,6 @@ def test_batch_expires_and_files_live_in_s3(env: dict[str, str], tmp_path: Path)
     finally:
         for p in procs:
             p.stop()
-        moto.terminate()
-        moto.wait(timeout=10)
 
 
 def test_cli_submits_and_waits(base_url: str, env: dict[str, str], tmp_path: Path) -> None:

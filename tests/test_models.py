@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from ferry.redis_server import free_port
-from tests.conftest import ROOT, Proc, smollm_path, start_worker
+from tests.conftest import ROOT, Proc, moto_s3, smollm_path, start_worker
 from tests.fileserver import FileServer
 from tests.test_bad_input import error_of
 from tests.test_queue import sse_events
@@ -151,27 +151,10 @@ def test_unknown_model_lifecycle_ids(http: httpx.Client) -> None:
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[str]:
     """moto's S3-compatible server on loopback, with the GGUF in a bucket."""
-    import boto3
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(endpoint, timeout=1)
-            break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")
-    client.create_bucket(Bucket="models")
-    client.upload_file(str(smollm_path()), "models", "smol/SmolLM2.gguf")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    with moto_s3() as (endpoint, client):
+        client.create_bucket(Bucket="models")
+        client.upload_file(str(smollm_path()), "models", "smol/SmolLM2.gguf")
+        yield endpoint
 
 
 def test_s3_download(env: dict[str, str], s3: str, tmp_path: Path) -> None:

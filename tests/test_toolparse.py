@@ -131,7 +131,7 @@ def test_templates_render_a_tool_conversation(template: str, family: str | None)
         {"role": "tool", "tool_call_id": "call_abc", "content": "18C, sunny"},
     ]
     from shared.jobs import Tools
-    plan = tools.plan(messages, Tools(functions=[weather]), source, lambda text: None)
+    plan = tools.plan(messages, Tools(functions=[weather]), family, lambda text: None)
     fmt = Jinja2ChatFormatter(template=source, eos_token="</s>", bos_token="<s>")
     prompt = tools.render(fmt, plan).prompt
     assert "18C, sunny" in prompt and "get_weather" in prompt
@@ -158,7 +158,7 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
             "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
         source = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
         plan = tools.plan([{"role": "user", "content": "Weather?"}], Tools(functions=[weather]),
-                          source, lambda text: None)
+                          tools.family(source), lambda text: None)
         assert plan.grammar is not None and plan.grammar.patterns == ("<tool_call>",)
         sampler = sampling._grammar_sampler(model, plan.grammar)
         n_vocab = model.n_vocab()

@@ -60,8 +60,8 @@ class Engine:
         self.scheduler = Scheduler(model, ctx, settings.ctx_len, post)
         self.n_ctx = self.scheduler.n_ctx
         self.n_vocab = model.n_vocab()
-        self.template = None if record.chat_format else model.metadata().get(
-            "tokenizer.chat_template")
+        self.tool_family = None if record.chat_format else tools.family(
+            model.metadata().get("tokenizer.chat_template"))
         self.formatter = _chat_formatter(model, record.chat_format)
 
     @classmethod
@@ -157,7 +157,7 @@ class Engine:
                     f"Model '{self.record.id}' has no chat template; use /v1/completions",
                     param="model",
                 )
-            plan = tools.plan(job.messages, job.tools, self.template, self._single_token)
+            plan = tools.plan(job.messages, job.tools, self.tool_family, self._single_token)
             try:
                 result = tools.render(self.formatter, plan)
             except (jinja2.TemplateError, ValueError, TypeError) as e:

@@ -56,10 +56,10 @@ def family(template: str | None) -> str | None:
     return None
 
 
-def plan(messages: list[dict[str, Any]], tools: Tools | None, template: str | None,
+def plan(messages: list[dict[str, Any]], tools: Tools | None, kind: str | None,
          token_of: Callable[[str], int | None]) -> Plan:
-    """`token_of`: the id of a text that is one token of the vocabulary, else None."""
-    kind = family(template)
+    """`kind`: the template's `family`, found once per model; `token_of`: the id of a text that
+    is one token of the vocabulary, else None."""
     if tools is None:  # no tools offered (or tool_choice none): earlier calls still render
         if not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             return Plan(messages, None, None)
