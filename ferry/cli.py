@@ -149,13 +149,21 @@ def _web(settings: Settings) -> int:
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
-    config.graceful_timeout = 5
+    # On SIGTERM hypercorn stops listening, then waits this long for open connections: streams
+    # in flight finish. A second signal ends the process at once.
+    config.graceful_timeout = settings.drain_s
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def drain() -> None:
+            stop.set()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, drain)
         await serve(create_app(settings), config, shutdown_trigger=stop.wait)
 
     asyncio.run(run())

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from shared import control, downloads, gguf_info, models
 from shared.errors import FerryError
 from shared.models import ModelRecord, model_id_from_path
+from shared.redis import connect
 from shared.settings import Settings
 from shared.sources import check_url, file_name
 
@@ -36,7 +37,7 @@ def main(settings: Settings, command: str, args: dict[str, str | None]) -> int:
 
 
 async def _run(settings: Settings, command: str, args: dict[str, str | None]) -> int:
-    redis = Redis.from_url(redis_url(settings))
+    redis = await connect(redis_url(settings))
     try:
         if command == "list":
             for r in await models.all_models(redis):

@@ -90,7 +90,7 @@ def serve(settings: Settings, models: list[str]) -> int:
                     _restart(child)
             time.sleep(0.2)
     finally:
-        _stop_all(children)
+        _stop_all(children, settings.drain_s + 15)  # each drains its streams and jobs first
         if redis_server is not None:
             redis_server.stop()
     return 0
@@ -108,7 +108,7 @@ def _restart(child: Child) -> None:
     child.start()
 
 
-def _stop_all(children: list[Child], timeout_s: float = 15.0) -> None:
+def _stop_all(children: list[Child], timeout_s: float) -> None:
     for child in children:
         if child.alive():
             assert child.proc is not None

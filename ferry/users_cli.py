@@ -6,11 +6,10 @@ import asyncio
 import sys
 from typing import Any, get_args
 
-from redis.asyncio import Redis
-
 from ferry.models_cli import redis_url
 from shared import users
 from shared.errors import FerryError
+from shared.redis import connect
 from shared.settings import Settings
 
 
@@ -23,7 +22,7 @@ def main(settings: Settings, command: str, args: dict[str, Any]) -> int:
 
 
 async def _run(settings: Settings, command: str, args: dict[str, Any]) -> int:
-    redis = Redis.from_url(redis_url(settings))
+    redis = await connect(redis_url(settings))
     try:
         if command == "users create":
             user = await users.create_user(redis, args["name"], args.get("email"), args["admin"])

@@ -79,7 +79,8 @@ async def start(redis: Redis, settings: Settings, model: str) -> WorkerInfo:
         await asyncio.sleep(0.1)
     try:
         need = models.need_bytes(record, settings.ctx_len, settings.n_batch, settings.parallel)
-        placement = choose(await liveness.all_workers(redis), model, need)
+        workers = [w for w in await liveness.all_workers(redis) if not w.draining]
+        placement = choose(workers, model, need)
         if not placement.already:
             log.info("starting %s on worker %s (unloading %s)", model, placement.worker.id,
                      placement.evict or "nothing")

@@ -32,6 +32,7 @@ class WorkerInfo(BaseModel):
     memory_total: int = 0  # bytes, host memory
     memory_free: int = 0
     beat_at: float = 0.0  # unix time of the last heartbeat
+    draining: bool = False  # stopping: finishes its jobs, takes no new model
 
     @property
     def model_ids(self) -> list[str]:

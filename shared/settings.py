@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     async_ttl_s: int = Field(
         86400, ge=60, description="How long an async request's (Prefer: respond-async) result "
         "is kept")
+    drain_s: float = Field(
+        60.0, ge=0, description="On SIGTERM: how long a worker lets its jobs in flight, and a web "
+        "process its open requests, finish (a second signal: at once)")
 
     # Files and batches
     files_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest uploaded file")

@@ -25,6 +25,7 @@ import redis
 
 from ferry.redis_server import EmbeddedRedis, free_port
 from shared import models
+from shared.redis import client
 
 SMOLLM = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def start_worker(env: dict[str, str], model: str | None, log: Path, timeout_s: f
     """Start `ferry worker [--model MODEL]`; wait until its heartbeat shows the model loaded."""
     args = (*shlex.split(os.environ.get("FERRY_TEST_WORKER_ARGS", "")), *args)
     proc = Proc(["worker", *(["--model", model] if model else []), *args], env, log)
-    r = redis.Redis.from_url(env["REDIS_URL"])
+    r = client(env["REDIS_URL"])  # may name Sentinel
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

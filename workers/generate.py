@@ -16,6 +16,8 @@ from workers.state import WorkerState
 log = logging.getLogger(__name__)
 
 CANCELLED = Error(status=499, message="The request was cancelled by the client", code="cancelled")
+STOPPING = Error(status=503, message="The worker is shutting down; retry the request",
+                 code="worker_stopping")
 
 
 async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
@@ -30,6 +32,8 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
                     keep_s=gen.keep_s)
     if cancelled_while_queued:
         outcome, last = "cancelled", CANCELLED
+    elif st.stopping:  # taken from the queue just as the drain ran out
+        outcome, last = "failed", STOPPING
     else:
         outcome, last = await _run(st, gen, answer)
     if gen.reply is not None:
@@ -68,9 +72,10 @@ async def _record(st: WorkerState, job: GenerationJob, ctx: dict[str, Any], outc
 
 async def _run(st: WorkerState, job: GenerationJob, answer: Answer) -> tuple[str, Any]:
     st.usage.jobs_in_flight += 1
+    st.answers.add(answer)
     try:
         if await st.engine.run(job, answer):
-            return "cancelled", CANCELLED
+            return ("failed", STOPPING) if st.stopping else ("cancelled", CANCELLED)
         return "completed", answer.final if answer.hold_final else None
     except FerryError as e:
         return "failed", Error(status=e.status, message=e.message, code=e.code, param=e.param)
@@ -78,5 +83,6 @@ async def _run(st: WorkerState, job: GenerationJob, answer: Answer) -> tuple[str
         log.exception("job %s failed", job.id)
         return "failed", Error(status=500, message="Generation failed on the worker")
     finally:
+        st.answers.discard(answer)
         st.usage.jobs_in_flight -= 1
         st.usage.last_used = time.time()

@@ -3,7 +3,8 @@
 It registers with a heartbeat, loads the models it was started with, then takes commands from
 its control list (``keys.control``): load a model (unloading the ones a handler chose to evict)
 or unload one. Each loaded model is a `Slot` consuming that model's queue. With ``keep_alive_s``
-set, a model left idle that long is unloaded on its own.
+set, a model left idle that long is unloaded on its own. SIGTERM (or Ctrl-C) drains it: no new
+jobs, the ones in flight finish within ``drain_s``, then it unregisters and exits 0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from shared.control import Answer, Command
 from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable
 from shared.liveness import Loaded, WorkerInfo
 from shared.models import ModelRecord
-from shared.redis import deserialize, redis_settings, serialize
+from shared.redis import client, deserialize, redis_settings, serialize
 from shared.settings import Settings
 from workers.publish import Publisher
 
@@ -62,12 +63,12 @@ class WorkerProcess:
     async def _main(self, preload: list[str]) -> None:
         self.redis: ArqRedis = await create_pool(
             redis_settings(self.url), job_serializer=serialize, job_deserializer=deserialize)
-        self.stream_client = redis.Redis.from_url(self.url)
+        self.stream_client = client(self.url)
         self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s)
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()  # a first signal drains, a second hurries
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda: (hurry if stop.is_set() else stop).set())
         await liveness.beat(self.redis, self.info, self.settings.heartbeat_ttl_s)
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -83,8 +84,7 @@ class WorkerProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await control
         finally:
-            for model in list(self.slots):
-                await self.unload(model)
+            await self.drain(hurry)
             heartbeat.cancel()
             await liveness.leave(self.redis, self.info)
             await self.redis.aclose()
@@ -132,6 +132,33 @@ class WorkerProcess:
         await liveness.drop(self.redis, self.info, model, self.settings.heartbeat_ttl_s)
         await slot.close()
         log.info("unloaded %s", model)
+
+    async def drain(self, hurry: asyncio.Event) -> None:
+        """Stop taking jobs and models; let the jobs in flight finish for up to `drain_s` (or
+        until `hurry`), end the rest with `worker_stopping`, then free every model.
+
+        A job arq has taken is never put back, so none runs twice: it either finishes here or
+        its client hears `worker_stopping` and may send it again, to a worker still serving.
+        """
+        self.info.draining = True
+        slots = list(self.slots.values())
+        for slot in slots:
+            slot.stop_taking()
+        with contextlib.suppress(redis.RedisError, OSError):  # Redis away: the jobs still end
+            for model in list(self.slots):  # handlers route new jobs to other workers at once
+                await liveness.drop(self.redis, self.info, model, self.settings.heartbeat_ttl_s)
+        if busy := sum(s.in_flight for s in slots):
+            log.info("draining: %d jobs in flight, waiting up to %.0fs", busy, self.settings.drain_s)
+        deadline = time.monotonic() + self.settings.drain_s
+        while any(s.in_flight for s in slots) and time.monotonic() < deadline and not hurry.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hurry.wait(), 0.05)
+        if left := sum(s.in_flight for s in slots):
+            log.warning("ending %d jobs in flight with worker_stopping", left)
+            for slot in slots:
+                slot.end_jobs()
+        for model in list(self.slots):
+            await self.unload(model)
 
     async def _resolve(self, spec: str) -> ModelRecord:
         """A bundled id, a folder under the models folder, a .gguf path, or a registered model."""
@@ -193,14 +220,24 @@ class WorkerProcess:
 
 
 def _device_memory(gpu: int | None, cpu: bool) -> int:
-    """Total bytes of the GPU (from nvidia-smi) or, on the CPU, of the host."""
+    """Total bytes of the GPU (from nvidia-smi) or, on the CPU, of the host or the container."""
     if not cpu and (smi := shutil.which("nvidia-smi")):
         with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError):
             out = subprocess.run(
                 [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits",
                  "-i", str(gpu or 0)], capture_output=True, text=True, timeout=10, check=True)
             return int(out.stdout.split()[0]) * 2**20
-    return liveness.host_memory()[0]
+    host = liveness.host_memory()[0]
+    return min(host, _container_memory() or host)
+
+
+def _container_memory() -> int | None:
+    """The container's memory limit (cgroup v2, else v1), where one is set: /proc/meminfo shows
+    the whole node's."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):  # no such file; "max": no limit
+            return int(Path(path).read_text())
+    return None
 
 
 def run(settings: Settings, models_to_load: list[str], gpu: int | None, cpu: bool) -> None:

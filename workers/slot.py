@@ -2,7 +2,7 @@
 
 A worker process holds several slots; each consumes only its own model's queue, so a job runs
 only where its model is loaded. Closing a slot stops it taking jobs, lets the ones in flight
-finish, then frees the model.
+finish, then frees the model; a worker that must stop sooner ends them first (`end_jobs`).
 """
 
 from __future__ import annotations
@@ -96,11 +96,25 @@ class Slot:
             log.warning("consumer of %s stopped (%r); starting another", self.state.usage.id, error)
             self._consume()
 
-    async def close(self) -> None:
-        """Stop taking jobs, wait for the one in flight (up to the job timeout), free the model."""
+    def stop_taking(self) -> None:
         self.consumer.allow_pick_jobs = False
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs arq has taken from the queue and not finished."""
+        return self.consumer.job_counter
+
+    def end_jobs(self) -> None:
+        """End every job in flight at the scheduler's next step with `worker_stopping`."""
+        self.state.stopping = True
+        for answer in list(self.state.answers):
+            answer.cancelled = True
+
+    async def close(self) -> None:
+        """Stop taking jobs, wait for those in flight (up to the job timeout), free the model."""
+        self.stop_taking()
         deadline = asyncio.get_running_loop().time() + self.state.settings.job_timeout_s
-        while self.consumer.job_counter and asyncio.get_running_loop().time() < deadline:
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         with contextlib.suppress(asyncio.CancelledError):
             await self.consumer.close()
