@@ -19,7 +19,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from pydantic import BaseModel
 
-from shared import control, keys, liveness
+from shared import control, keys, liveness, metrics
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
 from shared.jobs import (
     AHEAD_MS,
@@ -98,6 +98,7 @@ async def wait_for_worker(redis: ArqRedis, model: str, settings: Settings) -> No
             await control.start(redis, settings, model)
             return
         if time.monotonic() >= deadline:
+            await metrics.count_no_worker(redis, model)  # a pool scaled to zero sees demand
             raise NoWorker(f"No worker is serving model '{model}' right now; retry shortly")
         await asyncio.sleep(0.1)
 

@@ -3,8 +3,9 @@
 Fixed windows: an atomic INCR per (scope, caller, window), the key expiring with its window.
 Authenticated callers get ``rate_limit_user_per_hour`` requests, and completions and runs are
 also held to ``rate_limit_inference_per_minute``; requests without a valid token count against
-their IP (``rate_limit_ip_per_hour``). Every response carries the hourly window's
-``X-RateLimit-*`` headers; one over a limit is a 429 with ``Retry-After``.
+their IP (``rate_limit_ip_per_hour``), except probes and scrapes (`UNMETERED`). Every response
+carries the hourly window's ``X-RateLimit-*`` headers; one over a limit is a 429 with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
 INFERENCE_SUFFIXES = ("/chat/completions", "/completions", "/runs")
+UNMETERED = ("/health", "/metrics")  # load balancers' probes and Prometheus' scrapes
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Window:
 async def apply() -> None:
     """`before_request`, after authentication."""
     settings = state().settings
-    if not settings.auth:
+    if not settings.auth or request.path in UNMETERED:
         return
     who = identity()
     if who is None:

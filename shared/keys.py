@@ -173,6 +173,7 @@ def rate(scope: str, who: str, window: int) -> str:
 METRICS_REQUESTS = f"{PREFIX}:metrics:requests"
 METRICS_JOBS = f"{PREFIX}:metrics:jobs"
 METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
+METRICS_NO_WORKER = f"{PREFIX}:metrics:no_worker"
 
 
 def metrics_histogram(kind: str, model: str) -> str:

@@ -32,6 +32,12 @@ async def record_job(redis: Redis, model: str, outcome: str, tokens: int,
         await pipe.execute()
 
 
+async def count_no_worker(redis: Redis, model: str) -> None:
+    """A request refused because no worker serves `model`: the demand a pool scaled to zero
+    cannot show in its queue."""
+    await redis.hincrby(keys.METRICS_NO_WORKER, model, 1)
+
+
 def _observe(pipe: object, key: str, buckets: tuple[float, ...], value: float) -> None:
     for bound in buckets:
         if value <= bound:
@@ -79,7 +85,12 @@ async def render(redis: Redis) -> str:
             out.append(f"{name}_sum{{{label}}} {float(raw.get('sum', 0))}")
             out.append(f"{name}_count{{{label}}} {total}")
 
-    family("ferry_queue_depth", "gauge", "Jobs waiting per model")
+    family("ferry_requests_without_worker_total", "counter",
+           "Requests refused (503 no_worker) because no worker served their model")
+    for model_b, n in sorted((await redis.hgetall(keys.METRICS_NO_WORKER)).items()):
+        out.append(f'ferry_requests_without_worker_total{{model="{_esc(model_b.decode())}"}} {int(n)}')
+
+    family("ferry_queue_depth", "gauge", "Jobs queued or running per model")
     for record in records:
         out.append(f'ferry_queue_depth{{model="{record.id}"}} {await redis.zcard(keys.queue(record.id))}')
     workers = await liveness.all_workers(redis)

@@ -285,9 +285,14 @@ def test_rate_limits_hold_across_web_processes(server: dict[str, Any]) -> None:
         assert over.headers["X-RateLimit-Remaining"] == "0"
         assert int(over.headers["X-RateLimit-Reset"]) > time.time()
     # Unauthenticated requests count against the IP, in both processes alike.
-    first = httpx.get(f"{server['a']}/health").headers["X-RateLimit-Remaining"]
-    second = httpx.get(f"{server['b']}/health").headers["X-RateLimit-Remaining"]
+    first = httpx.get(f"{server['a']}/openapi.json").headers["X-RateLimit-Remaining"]
+    second = httpx.get(f"{server['b']}/openapi.json").headers["X-RateLimit-Remaining"]
     assert int(second) == int(first) - 1
+    # Probes and scrapes are not counted: a readiness probe must not use up the IP's hour.
+    for path in ("/health", "/metrics"):
+        assert "X-RateLimit-Remaining" not in httpx.get(f"{server['a']}{path}").headers
+    third = httpx.get(f"{server['a']}/openapi.json").headers["X-RateLimit-Remaining"]
+    assert int(third) == int(second) - 1
 
 
 def test_metrics_are_the_same_from_every_web_process(server: dict[str, Any]) -> None:
