@@ -189,6 +189,9 @@ def test_killed_worker_ends_streams_and_the_next_worker_serves(
             assert r.status_code == 503 and r.headers["Retry-After"]
             assert r.json()["error"]["code"] == "no_worker"
             assert time.monotonic() - started < 5
+            # Counted per model, for an autoscaler to wake a pool scaled to zero.
+            assert f'ferry_requests_without_worker_total{{model="{model}"}} ' in \
+                http.get("/metrics").text
 
             worker = start_worker(env, str(path), tmp_path / "w2.log")
             ok = http.post("/v1/chat/completions",
