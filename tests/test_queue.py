@@ -242,3 +242,18 @@ def test_status_shows_models_and_workers(http: httpx.Client) -> None:
         assert [m["id"] for m in worker["models"]] == [SMOLLM]
         assert worker["memory_total"] > worker["memory_free"] > 0
         assert worker["beat_at"] > time.time() - 10
+
+
+def test_streams_expire_after_the_job(http: httpx.Client, rds: redis.Redis) -> None:
+    done = http.post("/v1/chat/completions", json={
+        "model": SMOLLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    job = done.json()["id"].removeprefix("chatcmpl-")
+    assert 0 < rds.ttl(f"ferry:stream:{job}") <= 300  # FERRY_STREAM_TTL_S, set at the end
+    queued = http.post("/v1/chat/completions", headers={"Prefer": "respond-async"}, json={
+        "model": SMOLLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    job = queued.json()["id"].removeprefix("chatcmpl-")
+    deadline = time.monotonic() + 30
+    while http.get(f"/v1/chat/completions/{queued.json()['id']}").json().get("status") in (
+            "queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rds.ttl(f"ferry:stream:{job}") > 3600  # an async result is kept FERRY_ASYNC_TTL_S

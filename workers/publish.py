@@ -49,6 +49,7 @@ class Answer:
         self.final: Final | None = None
         self.first_token_at: float | None = None  # unix time
         self.cancelled = False  # the client asked the job to stop
+        self.expiry_set_at = float("-inf")  # monotonic time its stream's expiry was last set
         self.error: BaseException | None = None  # publishing failed
         self._loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
@@ -103,7 +104,7 @@ class Publisher:
     def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
         """Publish `messages` as they are, at once, on the caller's thread; returns whether the
         client asked to stop."""
-        return self._write([(answer, messages)])[answer.job_id]
+        return self._write([(answer, messages, True)])[answer.job_id]
 
     def close(self) -> None:
         self._queue.put(None)
@@ -124,7 +125,7 @@ class Publisher:
             stop = None in items
             batch = [i for i in items if i is not None]
             try:
-                cancelled = self._write([(a, a.outgoing(m)) for a, m, _ in batch])
+                cancelled = self._write([(a, a.outgoing(m), done) for a, m, done in batch])
                 for answer, _, _ in batch:
                     answer.cancelled = answer.cancelled or cancelled[answer.job_id]
             except (redis.RedisError, OSError) as e:
@@ -137,17 +138,22 @@ class Publisher:
             if stop:
                 return
 
-    def _write(self, batch: Sequence[tuple[Answer, Sequence[Message]]]) -> dict[str, bool]:
-        """One pipeline: every message in order, then per job its stream's expiry and cancel flag."""
-        jobs: dict[str, int] = {}  # job id -> how long its stream is kept
+    def _write(self, batch: Sequence[tuple[Answer, Sequence[Message], bool]]) -> dict[str, bool]:
+        """One pipeline: every message in order, the streams' expiry where it is due, and one
+        MGET of the jobs' cancel flags. The expiry is renewed at a job's end and otherwise every
+        quarter of its lifetime, not at every write: Redis' work per token is what limits how
+        many workers one Redis feeds."""
+        jobs: dict[str, Answer] = {}
+        now = time.monotonic()
         with self.client.pipeline(transaction=False) as pipe:
-            for answer, messages in batch:
-                jobs[answer.job_id] = answer.keep_s or self.ttl_s
+            for answer, messages, done in batch:
+                jobs[answer.job_id] = answer
                 for message in messages:
                     pipe.xadd(keys.stream(answer.job_id), {"m": encode(message)})
-            for job_id, keep_s in jobs.items():
-                pipe.expire(keys.stream(job_id), keep_s)
-                pipe.get(keys.job_cancel(job_id))
-            results = pipe.execute()
-        flags = results[len(results) - 2 * len(jobs):]
-        return {job_id: is_cancelled(flags[2 * i + 1]) for i, job_id in enumerate(jobs)}
+                keep_s = answer.keep_s or self.ttl_s
+                if done or now - answer.expiry_set_at > keep_s / 4:
+                    pipe.expire(keys.stream(answer.job_id), keep_s)
+                    answer.expiry_set_at = now
+            pipe.mget([keys.job_cancel(job_id) for job_id in jobs])
+            flags = pipe.execute()[-1]
+        return {job_id: is_cancelled(flag) for job_id, flag in zip(jobs, flags, strict=True)}
