@@ -254,9 +254,7 @@ def setting_names() -> set[str]:
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
         names.update(getattr(alias, "choices", [alias] if alias else [f"FERRY_{name.upper()}"]))
-    # Added to Settings in the same change as these manifests (drain on SIGTERM); named here so
-    # this test does not depend on which of the two lands first.
-    return names | {"FERRY_DRAIN_S"}
+    return names
 
 
 def test_every_ferry_variable_named_is_a_setting() -> None:
@@ -300,7 +298,7 @@ def test_grace_period_outlasts_the_drain(overlay: Path) -> None:
     """Kubernetes kills a pod at terminationGracePeriodSeconds (30 unless set): the preStop sleep
     and FERRY_DRAIN_S (a setting's default when unset) must fit in it."""
     docs = render(overlay)
-    default = Settings.model_fields["drain_s"].default if "drain_s" in Settings.model_fields else 60
+    default = Settings.model_fields["drain_s"].default
     for name, pod in pod_specs(docs):
         grace = pod.get("terminationGracePeriodSeconds", 30)
         for c in pod["containers"]:
@@ -364,15 +362,11 @@ def test_scaled_objects_match_their_pools(overlay: Path) -> None:
 
 
 def test_redis_urls() -> None:
-    url = re.compile(r"^redis\+sentinel://(:[^@/]+@)?[\w.-]+:\d+(,[\w.-]+:\d+)*/[\w.-]+(/\d+)?$")
     sentinel = render(K8S / "overlays" / "gpu-sentinel")
     assert not by_kind(sentinel, "StatefulSet")
     (config,) = by_kind(sentinel, "ConfigMap").values()
-    assert url.match(config["data"]["REDIS_URL"]), config["data"]["REDIS_URL"]
-    # Ferry's own reading of the URL, where this Ferry has it (it lands with Sentinel support).
-    if parse := getattr(shared.redis, "sentinels", None):
-        named = parse(config["data"]["REDIS_URL"])
-        assert (named.master, named.db, len(named.hosts)) == ("mymaster", 0, 3)
+    named = shared.redis.sentinels(config["data"]["REDIS_URL"])  # as Ferry reads it
+    assert named is not None and (named.master, named.db, len(named.hosts)) == ("mymaster", 0, 3)
     plain = render(K8S / "overlays" / "cpu")
     (config,) = by_kind(plain, "ConfigMap").values()
     host, port = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", config["data"]["REDIS_URL"]).groups()
