@@ -39,3 +39,11 @@ def test_the_earliest_of_several_stops_wins() -> None:
     s = TextStream(["b", "abc"])
     assert s.feed(b"xxabc") == "xx"
     assert s.stopped
+
+
+def test_a_character_cut_by_the_end_goes_out_as_u_fffd_of_the_last_token() -> None:
+    s = TextStream([])
+    assert feed_all(s, [b"Hi ", "☃".encode()[:2]]) == ["Hi ", ""]
+    assert s.last == ""  # the token decoded to nothing yet
+    assert s.flush() == "\ufffd" and s.tail == "\ufffd"  # what the logprobs give that token
+    assert s.decoded == s.sent == 4

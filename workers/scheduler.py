@@ -370,8 +370,12 @@ class Scheduler:
 
     def _finish(self, seq: Seq, reason: str, text: str) -> None:
         assert seq.choice is not None and seq.run is not None
-        if not seq.choice.text.stopped:
-            text += seq.choice.text.flush()
+        choice = seq.choice
+        if not choice.text.stopped:
+            text += choice.text.flush()
+            if choice.text.tail and choice.pending:  # a cut character: the last token's text
+                token, lp, top, offset = choice.pending[-1]
+                choice.pending[-1] = (token + choice.text.tail, lp, top, offset)
         self._emit(seq, text, reason)
         seq.run.busy -= 1
         seq.release()

@@ -19,6 +19,7 @@ class TextStream:
         self.last = ""  # what the last token decoded to ("" for the first bytes of a character)
         self.sent = 0  # characters released so far
         self.stopped = False
+        self.tail = ""  # what `flush` decoded from bytes left over: a cut character, as U+FFFD
 
     def feed(self, piece: bytes) -> str:
         """Add one token's bytes; returns the text that may go out now (maybe empty)."""
@@ -29,7 +30,9 @@ class TextStream:
 
     def flush(self) -> str:
         """The sequence ended: everything held goes out (a stop string's prefix is just text)."""
-        self._held += self._decoder.decode(b"", final=True)
+        self.tail = self._decoder.decode(b"", final=True)
+        self.decoded += len(self.tail)
+        self._held += self.tail
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
