@@ -31,6 +31,7 @@ from functions import (
 )
 from functions.batch_runner import BatchRunner
 from functions.state import LOCAL_USER, FerryState
+from functions.streamhub import StreamHub
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
 from shared.settings import Settings
@@ -56,12 +57,14 @@ def create_app(settings: Settings) -> Quart:
         st.redis = await connect(settings.redis_url)
         await assistants.ensure_default(st.redis, LOCAL_USER)
         st.batches = BatchRunner(st)
+        st.streams = StreamHub(st.redis)
 
     @app.after_serving
     async def close_redis() -> None:
         for task in list(st.downloads):  # the .part file stays; a new download resumes it
             task.cancel()
         await st.batches.close()  # a batch's lease lapses: another process (or this one) goes on
+        await st.streams.close()
         await st.redis.aclose()
 
     for prefix in API_PREFIXES:

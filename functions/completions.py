@@ -62,7 +62,7 @@ async def resume(job_id: str) -> Response:
     renderer = Renderer(meta)
     for seen in await deltas_upto(st.redis, job_id, after):
         renderer.chunk(seen)
-    stream = JobStream(st.redis, job_id, meta.model, st.settings, after=after,
+    stream = JobStream(st.redis, st.streams, job_id, meta.model, st.settings, after=after,
                        cancel_on_exit=not meta.detached)
     return await _stream(stream, renderer)
 
@@ -128,7 +128,7 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
         return {"id": renderer.id, "object": renderer.object, "created": meta.created,
                 "model": meta.model, "status": "queued"}, 202, {
                     "Location": location, "Preference-Applied": "respond-async"}
-    stream = JobStream(st.redis, job.id, model.id, st.settings)
+    stream = JobStream(st.redis, st.streams, job.id, model.id, st.settings)
     renderer = Renderer(meta)
     if req.stream:
         return await _stream(stream, renderer)

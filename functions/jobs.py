@@ -2,7 +2,8 @@
 
 Chunks travel on a Redis Stream per job (not pub/sub): the worker appends, the handler reads from
 any position, so nothing is lost when the handler starts reading late, and a dropped client can
-resume from the last entry id it saw while the stream is kept (``stream_ttl_s``).
+resume from the last entry id it saw while the stream is kept (``stream_ttl_s``). A process's
+readers share one XREAD (`functions.streamhub`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from pydantic import BaseModel
 
+from functions.streamhub import Follow, StreamHub
 from shared import control, keys, liveness, metrics
 from shared.errors import NotFound, NoWorker, QueueFull, WorkerLost, from_wire
 from shared.jobs import (
@@ -37,7 +39,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 GENERATE = "generate"  # the worker's job function
-READ_BLOCK_MS = 500  # how long one XREAD waits; also the tick for liveness checks and pings
+READ_BLOCK_MS = 500  # a reader with nothing new this long checks the worker's liveness, pings
 
 
 class JobMeta(BaseModel):
@@ -136,10 +138,12 @@ class JobStream:
     """
 
     def __init__(
-        self, redis: ArqRedis, job_id: str, model: str, settings: Settings, after: str = "0-0",
-        cancel_on_exit: bool = True,
+        self, redis: ArqRedis, hub: StreamHub, job_id: str, model: str, settings: Settings,
+        after: str = "0-0", cancel_on_exit: bool = True,
     ) -> None:
         self.redis = redis
+        self.hub = hub
+        self._follow: Follow | None = None
         self.job_id = job_id
         self.model = model
         self.settings = settings
@@ -155,6 +159,8 @@ class JobStream:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._follow is not None:
+            self.hub.leave(self._follow)
         if self.cancel_on_exit and not self._ended:
             # The client left (disconnect, cancel) or we gave up: the worker stops at its next
             # token once the grace period has passed with no reader back (Last-Event-ID).
@@ -163,16 +169,19 @@ class JobStream:
                 ex=self.settings.stream_ttl_s))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
-        stream_key = keys.stream(self.job_id)
+        follow = self._follow = await self.hub.follow(keys.stream(self.job_id), self.last_id)
         unstarted_since: float | None = None
         while True:
-            batch = await self.redis.xread({stream_key: self.last_id}, block=READ_BLOCK_MS, count=256)
-            if not batch:
+            try:
+                got = await asyncio.wait_for(follow.inbox.get(), READ_BLOCK_MS / 1000)
+            except asyncio.TimeoutError:
                 unstarted_since = await self._check_alive(unstarted_since)
                 yield None
                 continue
+            if isinstance(got, BaseException):
+                raise got
             unstarted_since = None
-            for entry_id, fields in batch[0][1]:
+            for entry_id, fields in got:
                 self.last_id = entry_id.decode()
                 message = decode(fields[b"m"])
                 if isinstance(message, Delta):

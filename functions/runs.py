@@ -116,7 +116,8 @@ async def _generate(run: Run, thread: Thread, assistant: Assistant, record: mode
                                  started_at=run.started_at or now()) or run
     if not stream:
         return run.public()
-    events = JobStream(st.redis, job.id, record.id, st.settings, cancel_on_exit=False)
+    events = JobStream(st.redis, st.streams, job.id, record.id, st.settings,
+                       cancel_on_exit=False)
     return await sse.respond_after_first(
         _events(run, message_id, events), st.settings.keepalive_s,
         done=Event("[DONE]", name="done"), error_name="error",

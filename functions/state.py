@@ -11,6 +11,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 from quart import current_app, request
 
+from functions.streamhub import StreamHub
 from shared.errors import InvalidRequest, PayloadTooLarge, Unauthorized
 from shared.settings import Settings
 
@@ -27,6 +28,7 @@ class FerryState:
     tokenizers: dict[str, Any] = field(default_factory=dict)
     downloads: set[asyncio.Task[None]] = field(default_factory=set)  # running in this process
     batches: Any = field(init=False)  # functions.batch_runner.BatchRunner, once serving
+    streams: StreamHub = field(init=False)  # one XREAD for every stream this process relays
 
 
 def state() -> FerryState:
