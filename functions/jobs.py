@@ -170,6 +170,13 @@ class JobStream:
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
         follow = self._follow = await self.hub.follow(keys.stream(self.job_id), self.last_id)
+        try:
+            async for item in self._read(follow):
+                yield item
+        finally:
+            self.hub.leave(follow)
+
+    async def _read(self, follow: Follow) -> AsyncIterator[tuple[str, Delta] | None]:
         unstarted_since: float | None = None
         while True:
             try:

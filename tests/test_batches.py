@@ -345,7 +345,8 @@ def test_batch_expires_and_files_live_in_s3(env: dict[str, str], files_s3: tuple
         assert too_many.errors.data[0].code == "too_many_lines"
 
         # Uploads stream through to the store: a 40 MB file raises the web process's peak
-        # memory by a few S3 parts at most, not by the file; one over the limit is 413.
+        # memory by a few 8 MB S3 parts at most (seen up to 30 MB), not by the file (+47 MB when
+        # boto3 read it all ahead); one over the limit is 413.
         def peak_rss() -> int:
             status = Path(f"/proc/{web.p.pid}/status").read_text()
             return int(next(v for k, v in (line.split(":", 1) for line in status.splitlines())
@@ -353,7 +354,7 @@ def test_batch_expires_and_files_live_in_s3(env: dict[str, str], files_s3: tuple
 
         before = peak_rss()
         big = client.files.create(file=("big.bin", b"x" * (40 << 20)), purpose="user_data")
-        assert big.bytes == 40 << 20 and peak_rss() - before < 28 << 20
+        assert big.bytes == 40 << 20 and peak_rss() - before < 32 << 20
         over = httpx.post(f"{url}/v1/files", data={"purpose": "user_data"},
                           files={"file": ("over.bin", b"x" * (LIMIT + 1000))}, timeout=60)
         assert over.status_code == 413 and over.json()["error"]["message"]
