@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 
 from shared import keys, liveness, models
 from shared.control import Answer, Command
 from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable
 from shared.liveness import Loaded, WorkerInfo
 from shared.models import ModelRecord
-from shared.redis import client, deserialize, redis_settings, serialize
+from shared.redis import client, connect
 from shared.settings import Settings
 from workers.publish import Publisher
 
@@ -61,8 +61,7 @@ class WorkerProcess:
         asyncio.run(self._main(preload))
 
     async def _main(self, preload: list[str]) -> None:
-        self.redis: ArqRedis = await create_pool(
-            redis_settings(self.url), job_serializer=serialize, job_deserializer=deserialize)
+        self.redis: ArqRedis = await connect(self.url)
         self.stream_client = client(self.url)
         self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s)
         stop, hurry = asyncio.Event(), asyncio.Event()  # a first signal drains, a second hurries
