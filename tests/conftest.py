@@ -35,6 +35,19 @@ def smollm_path() -> Path:
     return Path(models.resolve(SMOLLM, Path("/nonexistent")).path)
 
 
+def own_model(tmp_path: Path, name: str) -> Path:
+    """SmolLM2's file under a name of the test's own: only that test's worker serves it, so the
+    test may kill or stop that worker without harm to the others."""
+    link = tmp_path / f"{name}.gguf"
+    link.symlink_to(smollm_path())
+    return link
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> tuple[str, Path]:
+    return "victim", own_model(tmp_path, "victim")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("REDIS_URL"):

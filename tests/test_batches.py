@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import SMOLLM, Proc, moto_s3, smollm_path, start_web, start_worker
+from tests.conftest import SMOLLM, Proc, moto_s3, start_web, start_worker
 from tests.test_queue import sse_events
 
 CHAT = "/v1/chat/completions"
@@ -258,14 +258,6 @@ def test_dropped_stream_resumes_with_every_chunk_once(base_url: str) -> None:
     whole = httpx.get(f"{base_url}{CHAT}/{chunks[0]['id']}", timeout=60).json()
     assert text == whole["choices"][0]["message"]["content"] and text
     assert whole["usage"]["completion_tokens"] == 48
-
-
-@pytest.fixture
-def victim(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The SmolLM2 file under another name, so its worker can be killed without harm."""
-    link = tmp_path / "victim.gguf"
-    link.symlink_to(smollm_path())
-    yield "victim", link
 
 
 def test_batch_survives_a_killed_worker_and_web(

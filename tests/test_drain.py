@@ -12,15 +12,8 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import SMOLLM, smollm_path, start_web, start_worker
+from tests.conftest import SMOLLM, own_model, start_web, start_worker
 from tests.test_queue import sse_events, stream_text
-
-
-def own_model(tmp_path: Path, name: str) -> str:
-    """SmolLM2's file under a name of this test's own, so only this test's worker serves it."""
-    link = tmp_path / f"{name}.gguf"
-    link.symlink_to(smollm_path())
-    return str(link)
 
 
 def chat(model: str, max_tokens: int, stream: bool = True) -> dict[str, object]:
@@ -47,7 +40,7 @@ def registered(rds: redis.Redis, pid: int) -> bool:
 def test_worker_finishes_jobs_in_flight_then_exits(
     base_url: str, env: dict[str, str], rds: redis.Redis, tmp_path: Path
 ) -> None:
-    worker = start_worker(env, own_model(tmp_path, "drained"),
+    worker = start_worker(env, str(own_model(tmp_path, "drained")),
                           tmp_path / "worker.log")
     try:
         results: dict[int, list[str]] = {}
@@ -90,7 +83,7 @@ def test_worker_finishes_jobs_in_flight_then_exits(
 def test_worker_ends_jobs_past_the_drain_deadline(
     base_url: str, env: dict[str, str], rds: redis.Redis, tmp_path: Path
 ) -> None:
-    worker = start_worker({**env, "FERRY_DRAIN_S": "0.5"}, own_model(tmp_path, "deadline"),
+    worker = start_worker({**env, "FERRY_DRAIN_S": "0.5"}, str(own_model(tmp_path, "deadline")),
                           tmp_path / "worker.log")
     try:
         lost: dict[str, httpx.Response] = {}

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 import redis
 
-from tests.conftest import SMOLLM, Proc, smollm_path, start_worker
+from tests.conftest import SMOLLM, Proc, start_worker
 
 LONG = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -145,14 +144,6 @@ def test_queue_full_is_429(http: httpx.Client, rds: redis.Redis) -> None:
     finally:
         rds.zrem(queue, *fillers)
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
-
-
-@pytest.fixture
-def victim(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The SmolLM2 file under another name, so its worker can be killed without harm."""
-    link = tmp_path / "victim.gguf"
-    link.symlink_to(smollm_path())
-    yield "victim", link
 
 
 def kill_once_running(rds: redis.Redis, worker: Proc) -> None:

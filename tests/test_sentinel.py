@@ -16,8 +16,7 @@ import redis
 
 from ferry.redis_server import free_port, server_binary
 from shared.redis import sentinels
-from tests.conftest import start_web, start_worker
-from tests.test_drain import own_model
+from tests.conftest import own_model, start_web, start_worker
 
 MASTER = "mymaster"
 
@@ -111,7 +110,7 @@ def test_web_and_worker_survive_a_failover(
     sentinel_set: SentinelSet, env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**env, "REDIS_URL": sentinel_set.url}
-    worker = start_worker(env, own_model(tmp_path, "ha"), tmp_path / "worker.log")
+    worker = start_worker(env, str(own_model(tmp_path, "ha")), tmp_path / "worker.log")
     web, base = start_web(env, tmp_path / "web.log")
     try:
         body = {"model": "ha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
