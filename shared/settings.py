@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     parallel: int = Field(
         8, ge=1, le=256, description="Sequences a loaded model generates at once (one KV cache "
         "of ctx_len tokens shared by all)")
+    cache_ram_mb: int = Field(
+        1024, ge=0, description="Host memory (MiB) per loaded model for idle sequences' KV cache: "
+        "moved out of the context while others generate, back when a prompt starts the same "
+        "way (llama-server's --cache-ram; 0: idle sequences stay in the context)")
 
     # Where models run
     auto_start: bool = Field(

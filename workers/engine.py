@@ -57,7 +57,8 @@ class Engine:
         self.model = model
         self.ctx = ctx
         self.record = record
-        self.scheduler = Scheduler(model, ctx, settings.ctx_len, post)
+        self.scheduler = Scheduler(model, ctx, settings.ctx_len, post,
+                                   host_bytes=settings.cache_ram_mb << 20)
         self.n_ctx = self.scheduler.n_ctx
         self.n_vocab = model.n_vocab()
         self.tool_family = None if record.chat_format else tools.family(

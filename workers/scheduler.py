@@ -8,8 +8,10 @@ Logits are asked for only where a token is sampled, and each sequence samples wi
 llama.cpp sampler chain. Jobs join between steps and leave when they finish or are cancelled.
 
 A finished sequence keeps its KV cache: a new prompt goes to the free sequence sharing the longest
-prefix with it and decodes only the rest. With `n > 1` the prompt is decoded once, on one
-sequence, and copied to its siblings.
+prefix with it and decodes only the rest. When a job starts, the other idle sequences' caches
+move to host memory (`HostCache`), where they cost the generating sequences nothing, and come back
+for a prompt that starts like them. With `n > 1` the prompt is decoded once, on one sequence, and
+copied to its siblings.
 
 The context is not thread-safe: everything below `_loop` runs on the scheduler thread alone.
 Messages leave through `post(run, messages, done)`, which must not block (the publisher's queue).
@@ -31,6 +33,7 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final, Logprobs, ToolCallDelta, Usage
 from workers import sampling
+from workers.hostcache import HostCache, common_prefix
 from workers.textstream import TextStream
 from workers.toolparse import ToolStream
 
@@ -113,7 +116,9 @@ Post = Callable[[Any, Sequence[Delta | Final], bool], None]
 
 
 class Scheduler:
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_ctx: int, post: Post) -> None:
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_ctx: int, post: Post,
+                 host_bytes: int = 0) -> None:
+        """`host_bytes`: host memory for idle sequences' caches; 0: they stay in the context."""
         self.model = model
         self.ctx = ctx
         self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)  # as asked for, or the context if smaller
@@ -124,6 +129,7 @@ class Scheduler:
         self.n_swa = llama_cpp.llama_model_n_swa(model.model)
         self.memory = llama_cpp.llama_get_memory(ctx.ctx)
         self.seqs = [Seq(i) for i in range(llama_cpp.llama_n_seq_max(ctx.ctx))]
+        self.host = HostCache(ctx.ctx, host_bytes) if host_bytes else None
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.runs: list[Run] = []
         self.pieces: dict[tuple[int, bool], bytes] = {}
@@ -182,18 +188,34 @@ class Scheduler:
                 run.waiting.clear()
 
     def _admit(self) -> None:
-        """Give waiting groups free sequences, oldest job first."""
+        """Start waiting groups; then move the caches of the sequences left idle to host memory,
+        before the new prompts take cells."""
+        if self._start_waiting() and self.host is not None:
+            for seq in self.seqs:
+                if seq.run is None and seq.cache:
+                    self._evict(seq)
+
+    def _start_waiting(self) -> bool:
+        """Give waiting groups free sequences, oldest job first; whether any started."""
+        started = False
         for run in self.runs:
             while run.waiting:
                 free = [s for s in self.seqs if s.run is None]
                 group = run.waiting[0]
                 if len(free) < len(group.choices):
-                    return
+                    return started
                 run.waiting.pop(0)
                 self._start(run, group, free)
+                started = True
+        return started
 
     def _start(self, run: Run, group: Group, free: list[Seq]) -> None:
         first = max(free, key=lambda s: _worth(s, group.tokens))
+        if self.host is not None and (entry := self.host.take(
+                group.tokens, better_than=common_prefix(first.cache, group.tokens))):
+            self._evict(first)
+            if self.host.restore(entry, first.id):
+                first.cache = entry.tokens
         keep = self._reusable(first, group.tokens)
         if not llama_cpp.llama_memory_seq_rm(self.memory, first.id, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, first.id, -1, -1)
@@ -204,8 +226,7 @@ class Scheduler:
         first.siblings = others[:len(group.choices) - 1]
         for seq, choice in zip([first, *first.siblings], group.choices, strict=True):
             if seq is not first:
-                llama_cpp.llama_memory_seq_rm(self.memory, seq.id, -1, -1)
-                seq.cache = []
+                self._evict(seq)
             seq.run, seq.group, seq.choice = run, group, choice
             run.busy += 1
         run.usage.prompt_tokens += len(group.tokens)
@@ -214,7 +235,7 @@ class Scheduler:
     def _reusable(self, seq: Seq, tokens: list[int]) -> int:
         """How many of `tokens` `seq`'s cache can keep; at least the last one is decoded again,
         for its logits. A sliding-window cache may have dropped what an earlier position needs."""
-        keep = min(_common_prefix(seq.cache, tokens), len(tokens) - 1)
+        keep = min(common_prefix(seq.cache, tokens), len(tokens) - 1)
         if keep and self.n_swa:
             pos_min = llama_cpp.llama_memory_seq_pos_min(self.memory, seq.id)
             if pos_min > max(0, keep - self.n_swa):
@@ -282,9 +303,15 @@ class Scheduler:
     def _clear_idle(self) -> bool:
         idle = [s for s in self.seqs if s.run is None and s.cache]
         for seq in idle:
-            llama_cpp.llama_memory_seq_rm(self.memory, seq.id, -1, -1)
-            seq.cache = []
+            self._evict(seq)
         return bool(idle)
+
+    def _evict(self, seq: Seq) -> None:
+        """Empty `seq`'s cells, keeping a copy in host memory if there is one."""
+        if self.host is not None and seq.cache:
+            self.host.save(seq.id, seq.cache)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq.id, -1, -1)
+        seq.cache = []
 
     def _end_largest(self) -> None:
         busy = [s for s in self.seqs if s.run is not None]
@@ -412,13 +439,5 @@ def _worth(seq: Seq, tokens: list[int]) -> tuple[int, float]:
     """How good `seq` is for `tokens`: the cached tokens it reuses less twice those it throws
     away, where that is a gain; otherwise (and among equals) the least recently used. So a shared
     system prompt does not take a live conversation's cache."""
-    common = _common_prefix(seq.cache, tokens)
+    common = common_prefix(seq.cache, tokens)
     return max(common - 2 * (len(seq.cache) - common), 0), -seq.last_used
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

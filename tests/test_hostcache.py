@@ -1,0 +1,139 @@
+"""Idle sequences' caches in host memory: the scheduler on the real model, in this process.
+
+What the HTTP tests cannot see is where the cells are: these look into the context with
+`llama_memory_seq_pos_max` (-1: the sequence holds no cells).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp
+import pytest
+from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+
+from shared.jobs import Delta, Final
+from tests.conftest import smollm_path
+from workers.scheduler import Choice, Group, Run, Scheduler
+from workers.textstream import TextStream
+
+
+class Answer:
+    """Collects one run's messages, as the publisher's `Answer` would receive them."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.text = ""
+        self.final: Final | None = None
+        self.done = threading.Event()
+
+
+def post(answer: Any, messages: Any, done: bool) -> None:
+    for m in messages:
+        if isinstance(m, Delta):
+            answer.text += m.text
+        elif isinstance(m, Final):
+            answer.final = m
+    if done:
+        answer.done.set()
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LlamaModel]:
+    llama_cpp.llama_backend_init()
+    m = LlamaModel(path_model=str(smollm_path()), params=llama_cpp.llama_model_default_params(),
+                   verbose=False)
+    yield m
+    m.close()
+
+
+def scheduler(model: LlamaModel, host_bytes: int, parallel: int = 4) -> Scheduler:
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 1024, 64, 64
+    params.n_seq_max, params.kv_unified = parallel, True
+    ctx = LlamaContext(model=model, params=params, verbose=False)
+    return Scheduler(model, ctx, 1024, post, host_bytes=host_bytes)
+
+
+def generate(s: Scheduler, model: LlamaModel, prompt: str) -> Answer:
+    tokens = model.tokenize(prompt.encode(), add_bos=True, special=True)
+    chain = LlamaSampler()
+    chain.add_greedy()
+    answer = Answer()
+    s.submit(Run(answer, [Group(tokens, [Choice(0, chain, TextStream([]), None)], 6)]))
+    assert answer.done.wait(60)
+    assert answer.final is not None
+    return answer
+
+
+def cells(s: Scheduler) -> list[int]:
+    """Each sequence's highest position in the context, -1 where it holds none."""
+    return [llama_cpp.llama_memory_seq_pos_max(s.memory, q.id) for q in s.seqs]
+
+
+A = "A long first prompt about lighthouses, ships, storms and the keepers of the coast, " * 3
+B = "Something else entirely: a recipe for bread."
+
+
+def test_idle_sequences_leave_the_context_and_come_back(model: LlamaModel) -> None:
+    s = scheduler(model, host_bytes=64 << 20)
+    try:
+        first = generate(s, model, A)
+        assert sum(p >= 0 for p in cells(s)) == 1  # idle, still in the context while alone
+        generate(s, model, B)
+        # B's start moved A's sequence out: only B's cells are in the context.
+        assert sum(p >= 0 for p in cells(s)) == 1
+        # A's prompt and 5 of its tokens (the 6th was never decoded) are in host memory.
+        assert [len(e.tokens) for e in s.host.entries] == [first.final.usage.prompt_tokens + 5]
+        again = generate(s, model, A)
+        # A came back from host memory: only its last prompt token was decoded again.
+        assert again.final.usage.cached_tokens == first.final.usage.prompt_tokens - 1
+        assert again.text == first.text
+        assert s.host.entries and len(s.host.entries[0].tokens) > 0  # B's, moved out by A's start
+    finally:
+        s.close()
+        s.ctx.close()
+
+
+def test_more_conversations_stay_cached_than_the_context_has_sequences(model: LlamaModel) -> None:
+    s = scheduler(model, host_bytes=64 << 20, parallel=2)
+    try:
+        prompts = [f"Conversation {i}: {A}" for i in range(5)]
+        firsts = [generate(s, model, p) for p in prompts]
+        for p, first in zip(prompts, firsts, strict=True):
+            again = generate(s, model, p)
+            assert again.final.usage.cached_tokens == first.final.usage.prompt_tokens - 1
+            assert again.text == first.text
+    finally:
+        s.close()
+        s.ctx.close()
+
+
+def test_without_host_memory_idle_sequences_stay(model: LlamaModel) -> None:
+    s = scheduler(model, host_bytes=0)
+    try:
+        generate(s, model, A)
+        generate(s, model, B)
+        assert sum(p >= 0 for p in cells(s)) == 2
+        assert s.host is None
+    finally:
+        s.close()
+        s.ctx.close()
+
+
+def test_the_oldest_entries_go_when_host_memory_is_full(model: LlamaModel) -> None:
+    s = scheduler(model, host_bytes=64 << 20, parallel=2)
+    try:
+        generate(s, model, "Zero. " + A)
+        generate(s, model, "One. " + A)  # moves Zero out
+        one_entry = s.host.size
+        s.host.limit = one_entry + one_entry // 2  # room for one entry of that size
+        generate(s, model, "Two. " + A)  # moves One out: Zero goes
+        assert len(s.host.entries) == 1 and s.host.size <= s.host.limit
+        one = model.tokenize(("One. " + A).encode(), add_bos=True, special=True)
+        assert s.host.entries[0].tokens[:len(one)] == one
+    finally:
+        s.close()
+        s.ctx.close()
