@@ -2,14 +2,15 @@
 
 Starts a private Redis, a Ferry worker and web process, and llama-server (built by `make peers`),
 all on loopback, with the same GGUF, threads, batch size and total context: one unified KV cache
-of --ctx tokens shared by --parallel sequences on both sides. At each concurrency level C, C
-clients stream /v1/completions at once (--tokens tokens each, greedy, ignore_eos). The prompts
-differ per client and round, so no prompt cache makes a stream trivial, and both sides get the
-same ones. Rounds alternate which side goes first, so drift on a busy machine hits both alike.
+of --ctx tokens shared by --parallel sequences on both sides, and --cache-ram MiB of host memory
+for idle sequences' caches. At each concurrency level C, C clients stream /v1/completions at once
+(--tokens tokens each, greedy, ignore_eos). The prompts differ per client and round, so no prompt
+cache makes a stream trivial, and both sides get the same ones. Rounds alternate which side goes first, so drift on a busy machine hits both alike.
 
     make peers          # once: .peers/bin/llama-server and llama-batched-bench
     python bench/stream.py [--levels 1 4 8 16] [--tokens 128] [--rounds 2] [--parallel N]
-                           [--ctx 4096] [--threads N] [--gpu N] [--model-path GGUF]
+                           [--ctx 4096] [--cache-ram 1024] [--threads N] [--gpu N]
+                           [--model-path GGUF]
                            [--short N] [--batched-bench] [--logs DIR]
 
 Prints one row per level: TTFT p50/p95 (submit -> first text), the median per-stream decode
@@ -206,7 +207,8 @@ def start_ferry(procs: Processes, args: argparse.Namespace, model: str, url: str
                 data_dir: Path) -> None:
     env = dict(os.environ, REDIS_URL=url, FERRY_DATA_DIR=str(data_dir), FERRY_AUTH="false",
                FERRY_CTX_LEN=str(args.ctx), FERRY_PARALLEL=str(args.parallel),
-               FERRY_N_THREADS=str(args.threads), FERRY_N_BATCH=str(N_BATCH), PYTHONUNBUFFERED="1")
+               FERRY_N_THREADS=str(args.threads), FERRY_N_BATCH=str(N_BATCH),
+               FERRY_CACHE_RAM_MB=str(args.cache_ram), PYTHONUNBUFFERED="1")
     ferry = [sys.executable, "-m", "ferry"]
     device = ["--gpu", str(args.gpu)] if args.gpu is not None else ["--cpu"]
     procs.start("ferry-worker", [*ferry, "worker", "--model", model, *device], env)
@@ -225,7 +227,7 @@ def start_llama_server(procs: Processes, args: argparse.Namespace, gguf: str) ->
             "-b", str(N_BATCH), "-ub", str(N_BATCH),
             "-t", str(args.threads), "-tb", str(args.threads),
             "-ngl", "999" if args.gpu is not None else "0",
-            "--cache-ram", "0",  # no host-memory prompt cache: Ferry keeps none
+            "--cache-ram", str(args.cache_ram),  # idle slots' caches in host memory, as Ferry
             "--no-webui"]
     procs.start("llama-server", argv, device_env(args.gpu))
 
@@ -299,6 +301,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="runs of each level on each side")
     p.add_argument("--parallel", type=int, help="sequences a context holds (default: top level)")
     p.add_argument("--ctx", type=int, default=4096, help="total context, shared by all sequences")
+    p.add_argument("--cache-ram", type=int, default=1024, metavar="MIB",
+                   help="host memory for idle sequences' caches, both sides (0: none)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads, both sides")
     p.add_argument("--gpu", type=int, metavar="N", help="every layer on GPU N (both sides)")
     p.add_argument("--model-path", type=Path, metavar="GGUF", help=f"default: bundled {BUNDLED}")

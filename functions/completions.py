@@ -141,10 +141,10 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
 async def _stream(stream: JobStream, renderer: Renderer) -> Response:
     """Commit to 200 only once the first chunk is in: early failures stay plain HTTP errors."""
 
-    async def chunks() -> AsyncIterator[Event | None]:
+    async def chunks() -> AsyncIterator[list[Event] | Event | None]:
         async with stream:
-            async for item in stream:
-                yield None if item is None else Event(renderer.chunk(item[1]), id=item[0])
+            async for batch in stream.batches():
+                yield None if batch is None else [Event(renderer.chunk(d), id=i) for i, d in batch]
         if renderer.meta.include_usage and stream.final is not None:
             yield Event(renderer.usage_chunk(stream.final.usage))
 

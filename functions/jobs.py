@@ -169,14 +169,24 @@ class JobStream:
                 ex=self.settings.stream_ttl_s))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
+        async for batch in self.batches():
+            if batch is None:
+                yield None
+            else:
+                for item in batch:
+                    yield item
+
+    async def batches(self) -> AsyncIterator[list[tuple[str, Delta]] | None]:
+        """As iterating, but the deltas that arrived together come as one list (never empty), so
+        a streaming response can send them in one write."""
         follow = self._follow = await self.hub.follow(keys.stream(self.job_id), self.last_id)
         try:
-            async for item in self._read(follow):
-                yield item
+            async for batch in self._read(follow):
+                yield batch
         finally:
             self.hub.leave(follow)
 
-    async def _read(self, follow: Follow) -> AsyncIterator[tuple[str, Delta] | None]:
+    async def _read(self, follow: Follow) -> AsyncIterator[list[tuple[str, Delta]] | None]:
         unstarted_since: float | None = None
         while True:
             try:
@@ -188,18 +198,22 @@ class JobStream:
             if isinstance(got, BaseException):
                 raise got
             unstarted_since = None
+            batch: list[tuple[str, Delta]] = []
             for entry_id, fields in got:
                 self.last_id = entry_id.decode()
                 message = decode(fields[b"m"])
                 if isinstance(message, Delta):
-                    yield self.last_id, message
-                elif isinstance(message, Final):
+                    batch.append((self.last_id, message))
+                    continue
+                if batch:
+                    yield batch
+                self._ended = True
+                if isinstance(message, Final):
                     self.final = message
-                    self._ended = True
                     return
-                else:
-                    self._ended = True
-                    raise _error(message)
+                raise _error(message)
+            if batch:
+                yield batch
 
     async def _check_alive(self, unstarted_since: float | None) -> float | None:
         """Raise if nobody will ever write to this stream; returns the updated 'waiting' clock."""

@@ -34,9 +34,13 @@ class Event:
 
 DONE = Event("[DONE]")
 
+# What a stream's source yields: an event, events that arrived together (one write for all:
+# each write costs the web process more than the bytes in it), or None for 'nothing yet'.
+Item = Event | list[Event] | None
+
 
 async def encode(
-    events: AsyncIterator[Event | None], keepalive_s: float, *, done: Event = DONE,
+    events: AsyncIterator[Item], keepalive_s: float, *, done: Event = DONE,
     error_name: str | None = None,
 ) -> AsyncIterator[bytes]:
     """Encode events; `None` means 'nothing yet', answered by a ping when idle.
@@ -53,7 +57,7 @@ async def encode(
                     yield PING
                 continue
             last_sent = now
-            yield item.encode()
+            yield item.encode() if isinstance(item, Event) else b"".join(e.encode() for e in item)
     except FerryError as e:
         yield Event(e.to_dict(), name=error_name).encode()
     except Exception:
@@ -63,7 +67,7 @@ async def encode(
 
 
 async def respond_after_first(
-    events: AsyncIterator[Event | None], keepalive_s: float, **encoding: Any
+    events: AsyncIterator[Item], keepalive_s: float, **encoding: Any
 ) -> Response:
     """Commit to 200 only once the first event is in: early failures stay plain HTTP errors."""
     first = None
@@ -72,7 +76,7 @@ async def respond_after_first(
             first = item
             break
 
-    async def rest() -> AsyncIterator[Event | None]:
+    async def rest() -> AsyncIterator[Item]:
         if first is not None:
             yield first
         async for item in events:

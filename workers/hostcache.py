@@ -3,8 +3,10 @@
 A context's sequences share one KV cache, and every decode step attends over every cell in use up
 to the highest, an idle sequence's cells too: on 2 cores, seven idle sequences of 150 tokens slow
 a lone stream by 10-15%. So when a job starts, the scheduler moves the idle sequences' caches out
-here, and a prompt that starts like one of them gets it back instead of decoding that start again.
-More conversations stay cached than the context has sequences. Oldest entries go first when full.
+here, and a prompt that starts like one of them gets a copy back instead of decoding that start
+again. More conversations stay cached than the context has sequences, and a prompt may reuse the
+system prompt of a conversation without costing that conversation its cache. The least recently
+used entries go first when it is full.
 """
 
 from __future__ import annotations
@@ -48,21 +50,22 @@ class HostCache:
         if llama_cpp.llama_state_seq_get_data_ext(self.ctx, data, size, seq_id, FLAGS) == size:
             self.entries.append(Entry(list(tokens), data))
 
-    def take(self, tokens: list[int], better_than: int) -> Entry | None:
-        """Remove and return the entry sharing the longest start with `tokens`, if that is more
-        than `better_than` tokens and a quarter of the entry at least (as llama-server: a long
-        conversation is not spent on a prompt that shares only its system prompt)."""
+    def find(self, tokens: list[int], better_than: int) -> Entry | None:
+        """The entry sharing the longest start with `tokens`, if that is more than `better_than`
+        tokens and a sixteenth of the entry at least (a copy costs far less than decoding the
+        tokens it saves, but not nothing); it stays, as the most recently used."""
         best, most = None, better_than
         for entry in self.entries:
             common = common_prefix(entry.tokens, tokens)
-            if common > most and 4 * common >= len(entry.tokens):
+            if common > most and 16 * common >= len(entry.tokens):
                 best, most = entry, common
         if best is not None:
             self.entries.remove(best)
+            self.entries.append(best)
         return best
 
     def restore(self, entry: Entry, seq_id: int) -> bool:
-        """Put `entry`'s cells into the empty sequence `seq_id`."""
+        """Copy `entry`'s cells into sequence `seq_id`, in place of what it holds."""
         n = llama_cpp.llama_state_seq_set_data_ext(self.ctx, entry.data, len(entry.data), seq_id,
                                                    FLAGS)
         return n == len(entry.data)

@@ -210,12 +210,9 @@ class Scheduler:
         return started
 
     def _start(self, run: Run, group: Group, free: list[Seq]) -> None:
-        first = max(free, key=lambda s: _worth(s, group.tokens))
-        if self.host is not None and (entry := self.host.take(
-                group.tokens, better_than=common_prefix(first.cache, group.tokens))):
-            self._evict(first)
-            if self.host.restore(entry, first.id):
-                first.cache = entry.tokens
+        first = max(free, key=lambda s: self._worth(s, group.tokens))
+        if self.host is not None:
+            self._bring_back(first, group.tokens)
         keep = self._reusable(first, group.tokens)
         if not llama_cpp.llama_memory_seq_rm(self.memory, first.id, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, first.id, -1, -1)
@@ -231,6 +228,29 @@ class Scheduler:
             run.busy += 1
         run.usage.prompt_tokens += len(group.tokens)
         run.usage.cached_tokens += keep
+
+    def _worth(self, seq: Seq, tokens: list[int]) -> tuple[int, float]:
+        """How good `seq` is for `tokens`: the cached tokens it reuses (among equals, the least
+        recently used). Without host memory what it throws away is lost, so that counts twice
+        against it: a shared system prompt does not take a live conversation's cache."""
+        common = common_prefix(seq.cache, tokens)
+        if self.host is None:
+            common = max(common - 2 * (len(seq.cache) - common), 0)
+        return common, -seq.last_used
+
+    def _bring_back(self, seq: Seq, tokens: list[int]) -> None:
+        """Give `seq` the best start for `tokens` there is: a copy of a cache in host memory that
+        shares more of them, or else its own, copied out first if it is to lose a sixteenth of it
+        or more (another conversation after a shared system prompt, not the end of a turn)."""
+        assert self.host is not None
+        common = common_prefix(seq.cache, tokens)
+        entry = self.host.find(tokens, better_than=common)
+        if entry is not None:
+            self._evict(seq)
+            if self.host.restore(entry, seq.id):
+                seq.cache = list(entry.tokens)
+        elif 16 * (len(seq.cache) - common) >= len(seq.cache) > 0:
+            self.host.save(seq.id, seq.cache)
 
     def _reusable(self, seq: Seq, tokens: list[int]) -> int:
         """How many of `tokens` `seq`'s cache can keep; at least the last one is decoded again,
@@ -433,11 +453,3 @@ class Scheduler:
             run.deltas = []
             self.post(run.answer, [], True)
         self.runs = []
-
-
-def _worth(seq: Seq, tokens: list[int]) -> tuple[int, float]:
-    """How good `seq` is for `tokens`: the cached tokens it reuses less twice those it throws
-    away, where that is a gain; otherwise (and among equals) the least recently used. So a shared
-    system prompt does not take a live conversation's cache."""
-    common = common_prefix(seq.cache, tokens)
-    return max(common - 2 * (len(seq.cache) - common), 0), -seq.last_used
