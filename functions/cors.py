@@ -10,7 +10,7 @@ from functions.state import state
 EXPOSED = "X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
 
 
-def add_headers(response: Response) -> Response:
+async def add_headers(response: Response) -> Response:
     origin = request.headers.get("Origin")
     allowed = {o.strip() for o in state().settings.cors_origins.split(",") if o.strip()}
     if not origin or not (origin in allowed or "*" in allowed):

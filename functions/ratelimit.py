@@ -52,7 +52,7 @@ async def apply() -> None:
         await _count("inference", who.user_id, settings.rate_limit_inference_per_minute, 60)
 
 
-def add_headers(response: Response) -> Response:
+async def add_headers(response: Response) -> Response:
     """`after_request`: the hourly window, on every response (errors included)."""
     window: Window | None = g.get("rate_window")
     if window is not None:
