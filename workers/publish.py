@@ -29,7 +29,7 @@ Message = Delta | Final | Error
 # Writes at most this often in the middle of streams. Each write wakes Redis, the web process and
 # its clients, whose work is per write more than per token; on a busy CPU that costs the decode
 # threads more than the wait costs a stream. Measured on 2 cores, one stream of 128 tokens: web,
-# publisher and Redis used 0.63 ms of CPU per token writing every 20 ms, 0.29 every 50 ms.
+# publisher and Redis used 0.59-0.66 ms of CPU per token writing every 20 ms, 0.35 every 50 ms.
 WRITE_EVERY_S = 0.05
 
 
