@@ -308,9 +308,12 @@ class BatchDriver:
         return not await self.redis.hlen(self.key("running"))
 
     async def _finalize(self, batch: Batch, status: str) -> None:
-        """Write the output and error files (lines in input order), then end the batch."""
+        """Write the output and error files (lines in input order), then end the batch. The
+        counts and usage are taken again from the results: a runner killed between storing a
+        line's result and counting it leaves the running totals one short."""
         results = {int(k): orjson.loads(v)
                    for k, v in (await self.redis.hgetall(self.key("results"))).items()}
+        counts, usage = _totals(batch, results.values())
         if status == "expired":
             for line in range(batch.request_counts.total):
                 if line not in results:
@@ -328,7 +331,8 @@ class BatchDriver:
         stamp = {"completed": "completed_at", "expired": "expired_at",
                  "cancelled": "cancelled_at"}[status]
         await self._update(None, status=status, output_file_id=output_id,
-                           error_file_id=error_id, **{stamp: now})
+                           error_file_id=error_id, request_counts=counts, usage=usage,
+                           **{stamp: now})
         await self._forget()
 
     async def _write(self, batch: Batch, kind: str, results: list[dict[str, Any]]) -> str | None:
@@ -429,6 +433,24 @@ def _first_of_each_model(entries: Iterable[dict[str, Any]]) -> list[tuple[str | 
 def _error(code: str, line: int | None, message: str, param: str | None = None
            ) -> dict[str, Any]:
     return {"code": code, "line": line, "message": message, "param": param}
+
+
+def _totals(batch: Batch, results: Iterable[dict[str, Any]]) -> tuple[BatchCounts, dict[str, Any]]:
+    """The request counts and token usage of the lines that ran, from their results."""
+    completed = failed = prompt = output = cached = 0
+    for r in results:
+        if not r["ok"]:
+            failed += 1
+            continue
+        completed += 1
+        used = r["response"]["body"]["usage"]
+        prompt += used["prompt_tokens"]
+        output += used["completion_tokens"]
+        cached += used["prompt_tokens_details"]["cached_tokens"]
+    counts = batch.request_counts.model_copy(update={"completed": completed, "failed": failed})
+    return counts, {**batch.usage, "input_tokens": prompt, "output_tokens": output,
+                    "total_tokens": prompt + output,
+                    "input_tokens_details": {"cached_tokens": cached}}
 
 
 def _result(entry: dict[str, Any], status: int, body: dict[str, Any], ok: bool) -> str:
