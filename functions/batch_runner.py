@@ -27,7 +27,7 @@ import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from functions.jobs import JobMeta, has_ended, read_all, submit, withdraw
+from functions.jobs import JobMeta, has_ended, orphaned, read_all, submit, withdraw
 from functions.render import Renderer
 from functions.state import FerryState, invalid
 from shared import keys, liveness, models, store
@@ -239,11 +239,14 @@ class BatchDriver:
     async def _lost(self, running: dict[str, Any]) -> bool:
         """Whether the line's job, whose stream has no end yet, will never end: it is not
         queued (it never got there, or arq dropped it: a job arq finds orphaned after its
-        worker died is not run again), or its worker died under it."""
+        worker died is not run again), or its worker died under it, even before recording
+        itself as the owner."""
         if await self.redis.zscore(keys.queue(running["model"]), running["id"]) is None:
             return True
         owner = await self.redis.get(keys.job_worker(running["id"]))
-        return owner is not None and not await liveness.is_alive(self.redis, owner.decode())
+        if owner is None:
+            return await orphaned(self.redis, running["id"], self.st.settings)
+        return not await liveness.is_alive(self.redis, owner.decode())
 
     async def _finish(self, line: int, running: dict[str, Any]) -> None:
         meta = JobMeta.model_validate(running)

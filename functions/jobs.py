@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 GENERATE = "generate"  # the worker's job function
 READ_BLOCK_MS = 500  # a reader with nothing new this long checks the worker's liveness, pings
+# A live worker records itself as a job's owner within milliseconds of arq taking the job; one
+# taken longer ago than this with no owner lost its worker in between.
+TAKE_GRACE_S = 10.0
 
 
 class JobMeta(BaseModel):
@@ -218,9 +221,9 @@ class JobStream:
     async def _check_alive(self, unstarted_since: float | None) -> float | None:
         """Raise if nobody will ever write to this stream; returns the updated 'waiting' clock."""
         owner = await self.redis.get(keys.job_worker(self.job_id))
-        if owner is not None:
-            if await liveness.is_alive(self.redis, owner.decode()):
-                return None
+        if owner is not None and await liveness.is_alive(self.redis, owner.decode()):
+            return None
+        if owner is not None or await orphaned(self.redis, self.job_id, self.settings):
             await self._abandon(WorkerLost(
                 "The worker running this request stopped responding; retry the request"
             ))
@@ -240,6 +243,17 @@ class JobStream:
                        Error(status=error.status, message=error.message, code=error.code))
         log.warning("job %s abandoned: %s", self.job_id, error.message)
         raise error
+
+
+async def orphaned(redis: ArqRedis, job_id: str, settings: Settings) -> bool:
+    """Whether arq marked the job taken over `TAKE_GRACE_S` ago and no worker has recorded itself
+    as its owner: the worker died between the two, and arq would not free the job before its
+    marker expires (the job timeout + 10 s, arq's `in_progress_timeout_s`)."""
+    left_ms = await redis.pttl(keys.arq_in_progress(job_id))
+    if left_ms < 0:
+        return False
+    taken_s_ago = settings.job_timeout_s + 10 - left_ms / 1000
+    return taken_s_ago > TAKE_GRACE_S and not await redis.exists(keys.job_worker(job_id))
 
 
 async def withdraw(redis: ArqRedis, job_id: str, model: str, settings: Settings,

@@ -180,9 +180,14 @@ def metrics_histogram(kind: str, model: str) -> str:
     return f"{PREFIX}:metrics:{kind}:{model}"
 
 
+def arq_in_progress(job_id: str) -> str:
+    """arq's marker of a job a worker took; set for the job timeout + 10 s."""
+    return in_progress_key_prefix + job_id
+
+
 def arq_job_keys(job_id: str) -> list[str]:
     """arq's own keys for one job: its definition, in-progress marker and result."""
-    return [job_key_prefix + job_id, in_progress_key_prefix + job_id, result_key_prefix + job_id]
+    return [job_key_prefix + job_id, arq_in_progress(job_id), result_key_prefix + job_id]
 
 
 BATCHES = f"{PREFIX}:batches"

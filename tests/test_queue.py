@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,10 @@ import httpx
 import orjson
 import redis
 
+from functions.jobs import TAKE_GRACE_S, orphaned
+from shared import keys
+from shared.redis import connect
+from shared.settings import Settings
 from tests.conftest import SMOLLM, Proc, start_worker
 from workers.publish import WRITE_EVERY_S
 
@@ -256,3 +261,30 @@ def test_streams_expire_after_the_job(http: httpx.Client, rds: redis.Redis) -> N
             "queued", "in_progress") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert rds.ttl(f"ferry:stream:{job}") > 3600  # an async result is kept FERRY_ASYNC_TTL_S
+
+
+def test_a_job_whose_worker_died_before_owning_it_is_orphaned(redis_url: str) -> None:
+    """arq marks a job taken before the worker records itself as the owner; a worker killed in
+    between leaves a job nobody runs until arq's marker expires (job timeout + 10 s). Readers
+    and batch runners call it lost once it has been taken for TAKE_GRACE_S with no owner."""
+    settings = Settings(job_timeout_s=600)
+    marker_ms = int((settings.job_timeout_s + 10) * 1000)
+
+    async def go() -> list[bool]:
+        redis = await connect(redis_url)
+        job = f"orphan-{time.time_ns()}"
+        try:
+            seen = [await orphaned(redis, job, settings)]  # not taken
+            await redis.psetex(keys.arq_in_progress(job), marker_ms, b"1")
+            seen.append(await orphaned(redis, job, settings))  # taken just now
+            aged_ms = marker_ms - int((TAKE_GRACE_S + 5) * 1000)
+            await redis.psetex(keys.arq_in_progress(job), aged_ms, b"1")
+            seen.append(await orphaned(redis, job, settings))  # taken 15 s ago, no owner
+            await redis.set(keys.job_worker(job), b"some-worker")
+            seen.append(await orphaned(redis, job, settings))  # owned: liveness decides
+            return seen
+        finally:
+            await redis.delete(keys.arq_in_progress(job), keys.job_worker(job))
+            await redis.aclose()
+
+    assert asyncio.run(go()) == [False, False, True, False]
