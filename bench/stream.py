@@ -5,7 +5,8 @@ all on loopback, with the same GGUF, threads, batch size and total context: one 
 of --ctx tokens shared by --parallel sequences on both sides, and --cache-ram MiB of host memory
 for idle sequences' caches. At each concurrency level C, C clients stream /v1/completions at once
 (--tokens tokens each, greedy, ignore_eos). The prompts differ per client and round, so no prompt
-cache makes a stream trivial, and both sides get the same ones. Rounds alternate which side goes first, so drift on a busy machine hits both alike.
+cache makes a stream trivial, and both sides get the same ones. Rounds alternate which side goes
+first, so drift on a busy machine hits both alike.
 
     make peers          # once: .peers/bin/llama-server and llama-batched-bench
     python bench/stream.py [--levels 1 4 8 16] [--tokens 128] [--rounds 2] [--parallel N]
