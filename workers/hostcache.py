@@ -38,12 +38,13 @@ class HostCache:
     def save(self, seq_id: int, tokens: list[int]) -> None:
         """Copy sequence `seq_id`'s cells (holding `tokens`) out, unless an entry holds them
         already or they would not fit; entries they extend go."""
-        if not tokens or any(common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries):
+        n = len(tokens)
+        if not tokens or any(e.tokens[:n] == tokens for e in self.entries):
             return
         size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq_id, FLAGS)
         if size > self.limit:
             return
-        self.entries = [e for e in self.entries if common_prefix(e.tokens, tokens) < len(e.tokens)]
+        self.entries = [e for e in self.entries if tokens[:len(e.tokens)] != e.tokens]
         while self.entries and self.size + size > self.limit:
             self.entries.pop(0)
         data = (ctypes.c_uint8 * size)()
