@@ -6,6 +6,7 @@ What the HTTP tests cannot see is where the cells are: these look into the conte
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final
 from tests.conftest import smollm_path
+from workers.hostcache import common_prefix
 from workers.scheduler import Choice, Group, Run, Scheduler
 from workers.textstream import TextStream
 
@@ -169,3 +171,17 @@ def test_the_oldest_entries_go_when_host_memory_is_full(model: LlamaModel) -> No
     finally:
         s.close()
         s.ctx.close()
+
+
+def test_common_prefix_against_a_plain_loop() -> None:
+    def plain(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        a = [rng.randint(0, 3) for _ in range(rng.randint(0, 40))]
+        b = a[:rng.randint(0, len(a))] + [rng.randint(0, 3) for _ in range(rng.randint(0, 10))]
+        assert common_prefix(a, b) == common_prefix(b, a) == plain(a, b)
