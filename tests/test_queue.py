@@ -17,7 +17,6 @@ from shared import keys
 from shared.redis import connect
 from shared.settings import Settings
 from tests.conftest import SMOLLM, Proc, start_worker
-from workers.publish import WRITE_EVERY_S
 
 LONG = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -98,11 +97,11 @@ def test_disconnect_stops_generation_and_frees_the_model(
         time.sleep(0.05)
     last = orjson.loads(rds.xrevrange(f"ferry:stream:{job}", count=1)[0][1][b"m"])
     assert last["code"] == "cancelled"
-    # The worker reads the flag when it next writes (at most WRITE_EVERY_S later) and stops at
+    # The worker reads the flag when it next writes (at most FERRY_STREAM_INTERVAL_MS later) and stops at
     # its next step. A stream entry's id is Redis' clock in ms when it was written.
     written = [int(i.split(b"-")[0]) / 1000 for i, f in rds.xrange(f"ferry:stream:{job}")
                if orjson.loads(f[b"m"])["kind"] == "delta"]
-    assert max(written) - cancel_at <= WRITE_EVERY_S + 0.2
+    assert max(written) - cancel_at <= Settings().stream_interval_ms / 1000 + 0.2
     assert deltas_in(rds, job) < 400
     # The model is free: the next request is served at once.
     r2 = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})

@@ -63,7 +63,8 @@ class WorkerProcess:
     async def _main(self, preload: list[str]) -> None:
         self.redis: ArqRedis = await connect(self.url)
         self.stream_client = client(self.url)
-        self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s)
+        self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s,
+                                   self.settings.stream_interval_ms / 1000)
         stop, hurry = asyncio.Event(), asyncio.Event()  # a first signal drains, a second hurries
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
