@@ -220,20 +220,22 @@ class JobStream:
 
     async def _check_alive(self, unstarted_since: float | None) -> float | None:
         """Raise if nobody will ever write to this stream; returns the updated 'waiting' clock."""
+        lost = WorkerLost("The worker running this request stopped responding; retry the request")
         owner = await self.redis.get(keys.job_worker(self.job_id))
         if owner is not None and await liveness.is_alive(self.redis, owner.decode()):
             return None
         if owner is not None or await orphaned(self.redis, self.job_id, self.settings):
-            await self._abandon(WorkerLost(
-                "The worker running this request stopped responding; retry the request"
-            ))
+            await self._abandon(lost)
         if await liveness.live_workers(self.redis, self.model):
             return None
         now = time.monotonic()
         if unstarted_since is None:
             return now
         if now - unstarted_since >= self.settings.worker_wait_s:
-            await self._abandon(NoWorker(f"No worker is serving model '{self.model}' right now"))
+            # Taken by a worker that died before recording itself as the owner: lost, not unserved.
+            taken = await self.redis.exists(keys.arq_in_progress(self.job_id))
+            await self._abandon(lost if taken else NoWorker(
+                f"No worker is serving model '{self.model}' right now"))
         return unstarted_since
 
     async def _abandon(self, error: WorkerLost | NoWorker) -> None:
