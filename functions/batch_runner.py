@@ -27,7 +27,7 @@ import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from functions.jobs import JobMeta, has_ended, orphaned, read_all, submit, withdraw
+from functions.jobs import TAKE_GRACE_S, JobMeta, has_ended, read_all, submit, taken_s_ago, withdraw
 from functions.render import Renderer
 from functions.state import FerryState, invalid
 from shared import keys, liveness, models, store
@@ -244,8 +244,9 @@ class BatchDriver:
         if await self.redis.zscore(keys.queue(running["model"]), running["id"]) is None:
             return True
         owner = await self.redis.get(keys.job_worker(running["id"]))
-        if owner is None:
-            return await orphaned(self.redis, running["id"], self.st.settings)
+        if owner is None:  # lost too if its worker died before recording itself as the owner
+            taken = await taken_s_ago(self.redis, running["id"], self.st.settings)
+            return taken is not None and taken > TAKE_GRACE_S
         return not await liveness.is_alive(self.redis, owner.decode())
 
     async def _finish(self, line: int, running: dict[str, Any]) -> None:

@@ -222,9 +222,12 @@ class JobStream:
         """Raise if nobody will ever write to this stream; returns the updated 'waiting' clock."""
         lost = WorkerLost("The worker running this request stopped responding; retry the request")
         owner = await self.redis.get(keys.job_worker(self.job_id))
-        if owner is not None and await liveness.is_alive(self.redis, owner.decode()):
-            return None
-        if owner is not None or await orphaned(self.redis, self.job_id, self.settings):
+        if owner is not None:
+            if await liveness.is_alive(self.redis, owner.decode()):
+                return None
+            await self._abandon(lost)
+        taken = await taken_s_ago(self.redis, self.job_id, self.settings)
+        if taken is not None and taken > TAKE_GRACE_S:  # its worker died before owning it
             await self._abandon(lost)
         if await liveness.live_workers(self.redis, self.model):
             return None
@@ -233,8 +236,7 @@ class JobStream:
             return now
         if now - unstarted_since >= self.settings.worker_wait_s:
             # Taken by a worker that died before recording itself as the owner: lost, not unserved.
-            taken = await self.redis.exists(keys.arq_in_progress(self.job_id))
-            await self._abandon(lost if taken else NoWorker(
+            await self._abandon(lost if taken is not None else NoWorker(
                 f"No worker is serving model '{self.model}' right now"))
         return unstarted_since
 
@@ -247,15 +249,12 @@ class JobStream:
         raise error
 
 
-async def orphaned(redis: ArqRedis, job_id: str, settings: Settings) -> bool:
-    """Whether arq marked the job taken over `TAKE_GRACE_S` ago and no worker has recorded itself
-    as its owner: the worker died between the two, and arq would not free the job before its
-    marker expires (the job timeout + 10 s, arq's `in_progress_timeout_s`)."""
+async def taken_s_ago(redis: ArqRedis, job_id: str, settings: Settings) -> float | None:
+    """How long ago arq marked the job taken by a worker; None if it is not. arq sets the marker
+    for the job timeout + 10 s (its `in_progress_timeout_s`): its age is that less what is left.
+    A job taken over `TAKE_GRACE_S` ago whose owner was never recorded lost its worker."""
     left_ms = await redis.pttl(keys.arq_in_progress(job_id))
-    if left_ms < 0:
-        return False
-    taken_s_ago = settings.job_timeout_s + 10 - left_ms / 1000
-    return taken_s_ago > TAKE_GRACE_S and not await redis.exists(keys.job_worker(job_id))
+    return None if left_ms < 0 else settings.job_timeout_s + 10 - left_ms / 1000
 
 
 async def withdraw(redis: ArqRedis, job_id: str, model: str, settings: Settings,

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import llama_cpp
@@ -52,12 +53,18 @@ def model() -> Iterator[LlamaModel]:
     m.close()
 
 
-def scheduler(model: LlamaModel, host_bytes: int, parallel: int = 4) -> Scheduler:
+@contextmanager
+def scheduler(model: LlamaModel, host_bytes: int, parallel: int = 4) -> Iterator[Scheduler]:
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = 1024, 64, 64
     params.n_seq_max, params.kv_unified = parallel, True
     ctx = LlamaContext(model=model, params=params, verbose=False)
-    return Scheduler(model, ctx, 1024, post, host_bytes=host_bytes)
+    s = Scheduler(model, ctx, 1024, post, host_bytes=host_bytes)
+    try:
+        yield s
+    finally:
+        s.close()
+        ctx.close()
 
 
 def generate(s: Scheduler, model: LlamaModel, prompt: str) -> Answer:
@@ -91,8 +98,7 @@ B = "Something else entirely: a recipe for bread."
 
 
 def test_idle_sequences_leave_the_context_and_come_back(model: LlamaModel) -> None:
-    s = scheduler(model, host_bytes=64 << 20)
-    try:
+    with scheduler(model, host_bytes=64 << 20) as s:
         first = generate(s, model, A)
         # Nothing else runs: a copy goes to host memory, the cells stay in the context.
         held(s, model.tokenize(A.encode(), add_bos=True, special=True))
@@ -107,29 +113,21 @@ def test_idle_sequences_leave_the_context_and_come_back(model: LlamaModel) -> No
         assert again.final.usage.cached_tokens == first.final.usage.prompt_tokens - 1
         assert again.text == first.text
         assert sum(p >= 0 for p in cells(s)) == 1  # B's moved out in turn
-    finally:
-        s.close()
-        s.ctx.close()
 
 
 def test_more_conversations_stay_cached_than_the_context_has_sequences(model: LlamaModel) -> None:
-    s = scheduler(model, host_bytes=64 << 20, parallel=2)
-    try:
+    with scheduler(model, host_bytes=64 << 20, parallel=2) as s:
         prompts = [f"Conversation {i}: {A}" for i in range(5)]
         firsts = [generate(s, model, p) for p in prompts]
         for p, first in zip(prompts, firsts, strict=True):
             again = generate(s, model, p)
             assert again.final.usage.cached_tokens == first.final.usage.prompt_tokens - 1
             assert again.text == first.text
-    finally:
-        s.close()
-        s.ctx.close()
 
 
 def test_a_shared_system_prompt_is_reused_without_costing_the_conversation(
         model: LlamaModel) -> None:
-    s = scheduler(model, host_bytes=64 << 20)
-    try:
+    with scheduler(model, host_bytes=64 << 20) as s:
         system = "You are a keeper of lighthouses and answer in one word. " * 4
         one = generate(s, model, system + "First question: what do you keep?")
         two = generate(s, model, system + "Second question, about ships and their sails?")
@@ -140,26 +138,18 @@ def test_a_shared_system_prompt_is_reused_without_costing_the_conversation(
         again = generate(s, model, system + "First question: what do you keep?")
         assert again.final.usage.cached_tokens == one.final.usage.prompt_tokens - 1
         assert again.text == one.text
-    finally:
-        s.close()
-        s.ctx.close()
 
 
 def test_without_host_memory_idle_sequences_stay(model: LlamaModel) -> None:
-    s = scheduler(model, host_bytes=0)
-    try:
+    with scheduler(model, host_bytes=0) as s:
         generate(s, model, A)
         generate(s, model, B)
         assert sum(p >= 0 for p in cells(s)) == 2
         assert s.host is None
-    finally:
-        s.close()
-        s.ctx.close()
 
 
 def test_the_oldest_entries_go_when_host_memory_is_full(model: LlamaModel) -> None:
-    s = scheduler(model, host_bytes=64 << 20, parallel=2)
-    try:
+    with scheduler(model, host_bytes=64 << 20, parallel=2) as s:
         zero, one = (model.tokenize(f"{w}. {A}".encode(), add_bos=True, special=True)
                      for w in ("Zero", "One"))
         generate(s, model, "Zero. " + A)
@@ -168,9 +158,6 @@ def test_the_oldest_entries_go_when_host_memory_is_full(model: LlamaModel) -> No
         generate(s, model, "One. " + A)
         held(s, one)  # One's copy pushed Zero out
         assert len(s.host.entries) == 1 and s.host.size <= s.host.limit
-    finally:
-        s.close()
-        s.ctx.close()
 
 
 def test_common_prefix_against_a_plain_loop() -> None:

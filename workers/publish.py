@@ -4,8 +4,8 @@ The scheduler thread never waits on Redis: it hands each step's messages to the 
 whose own thread writes everything that has piled up, for every job, in one pipeline that also
 reads every one of those jobs' cancel flags: at once for a job's first token or its end (time to
 first token, and a short request's latency), otherwise at most every `interval_s`
-(`FERRY_STREAM_INTERVAL_MS`). When the
-scheduler says a job is done, its `Answer` resolves once the last of its messages is in Redis.
+(`FERRY_STREAM_INTERVAL_MS`). When the scheduler says a job is done, its `Answer` resolves once
+the last of its messages is in Redis.
 """
 
 from __future__ import annotations
