@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.jobs import Delta, Error, Final, add_tool_call, encode, is_cancelled
+from shared.jobs import Delta, Error, Final, Logprobs, add_tool_call, encode, is_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Publisher:
             stop = None in items
             batch = [i for i in items if i is not None]
             try:
-                cancelled = self._write([(a, a.outgoing(m), done) for a, m, done in batch])
+                cancelled = self._write(_per_job(batch))
                 for answer, _, _ in batch:
                     answer.cancelled = answer.cancelled or cancelled[answer.job_id]
             except (redis.RedisError, OSError) as e:
@@ -170,6 +170,52 @@ class Publisher:
             pipe.mget([keys.job_cancel(job_id) for job_id in jobs])
             flags = pipe.execute()[-1]
         return {job_id: is_cancelled(flag) for job_id, flag in zip(jobs, flags, strict=True)}
+
+
+def _per_job(batch: Sequence[tuple[Answer, Sequence[Message], bool]],
+             ) -> list[tuple[Answer, list[Message], bool]]:
+    """One entry per job: all it queued since the last write, recorded, then coalesced."""
+    jobs: dict[Answer, tuple[list[Message], bool]] = {}
+    for answer, messages, done in batch:
+        held, ended = jobs.setdefault(answer, ([], False))
+        held.extend(messages)
+        jobs[answer] = (held, ended or done)
+    return [(a, coalesce(a.outgoing(m)), done) for a, (m, done) in jobs.items()]
+
+
+def coalesce(messages: Sequence[Message]) -> list[Message]:
+    """Each choice's text (and logprobs) written together as one delta: a write carries one
+    chunk per choice, however many tokens piled up since the last (vLLM's `stream_interval`).
+    Each message costs Redis, the web process and the client more than its bytes do. A tool
+    call's piece, a finish and anything after them keep their place."""
+    out: list[Message] = []
+    open_: dict[int, int] = {}  # choice index -> position in `out` of a delta text may join
+    for m in messages:
+        if not isinstance(m, Delta):
+            open_.clear()
+            out.append(m)
+            continue
+        at = open_.pop(m.index, None)
+        if at is not None and m.tool_call is None:
+            head = out[at]
+            assert isinstance(head, Delta)
+            out[at] = m = Delta(index=m.index, text=head.text + m.text,
+                                logprobs=_join(head.logprobs, m.logprobs),
+                                finish_reason=m.finish_reason)
+        else:
+            at = len(out)
+            out.append(m)
+        if m.tool_call is None and m.finish_reason is None:
+            open_[m.index] = at
+    return out
+
+
+def _join(a: Logprobs | None, b: Logprobs | None) -> Logprobs | None:
+    if a is None or b is None:
+        return a or b
+    return Logprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                    top_logprobs=a.top_logprobs + b.top_logprobs,
+                    text_offset=a.text_offset + b.text_offset)
 
 
 def _urgent(item: tuple[Answer, Sequence[Message], bool] | None) -> bool:
