@@ -107,8 +107,9 @@ class Settings(BaseSettings):
     stream_ttl_s: int = Field(300, ge=10, description="How long finished chunks are kept for resume")
     stream_interval_ms: float = Field(
         50.0, ge=0, description="How often a worker writes the middle of its streams (a job's "
-        "first token and its end go at once). Each write wakes Redis, the web process and the "
-        "clients: longer gives more throughput on a busy CPU, shorter a smoother stream")
+        "first token and its end go at once; when decode steps are longer, every two steps, up "
+        "to 4 times this). Each write wakes Redis, the web process and the clients: longer "
+        "gives more throughput on a busy CPU, shorter a smoother stream; 0: every step")
     heartbeat_s: float = Field(1.0, gt=0, description="Worker heartbeat interval")
     heartbeat_ttl_s: float = Field(
         3.0, gt=0, description="A worker silent this long counts as dead"

@@ -1,7 +1,8 @@
 """Continuous batching: many jobs share one model at once, and none of them can tell.
 
 The worker here serves SmolLM2 under its own id with a small batch (`FERRY_N_BATCH=32`), so a long
-prompt takes many decode steps and its chunking can be seen from outside.
+prompt takes many decode steps, and writes every step (`FERRY_STREAM_INTERVAL_MS=0`), so its
+chunking can be seen from outside.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def url(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("batched")
     link = tmp / f"{MODEL}.gguf"
     link.symlink_to(smollm_path())
-    worker = start_worker({**env, "FERRY_N_BATCH": str(N_BATCH), "FERRY_PARALLEL": "8"},
-                          str(link), tmp / "worker.log")
+    worker = start_worker({**env, "FERRY_N_BATCH": str(N_BATCH), "FERRY_PARALLEL": "8",
+                           "FERRY_STREAM_INTERVAL_MS": "0"}, str(link), tmp / "worker.log")
     web, base = start_web({**env, "FERRY_QUEUE_LIMIT": "8"}, tmp / "web.log")
     yield base
     web.stop()

@@ -68,3 +68,30 @@ def test_steps_queued_between_writes_reach_redis_as_one_entry(redis_url: str) ->
         publisher.close()
         loop.close()
         client.close()
+
+
+def test_the_middle_waits_two_steps_when_steps_are_long(redis_url: str) -> None:
+    """8 streams on 2 cores step every ~45 ms: a write every 50 ms would carry one token."""
+    client = redis.Redis.from_url(redis_url)
+    publisher = Publisher(client, ttl_s=60, interval_s=0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        answer = Answer(f"test-{uuid.uuid4().hex}", hold_final=False, loop=loop)
+        assert publisher._cadence() == 0.05
+
+        def step(seconds: float) -> None:
+            answer.posted_at = time.monotonic() - seconds
+            publisher.post(answer, [], False)
+
+        step(0.045)
+        assert 0.089 < publisher._cadence() < 0.1
+        for _ in range(40):
+            step(0.008)  # one stream: the interval holds
+        assert publisher._cadence() == 0.05
+        for _ in range(40):
+            step(2.0)  # a long prompt in the way: stretched 4 times at most
+        assert publisher._cadence() == 0.2
+    finally:
+        publisher.close()
+        loop.close()
+        client.close()

@@ -26,6 +26,8 @@ from shared.jobs import Delta, Error, Final, Logprobs, add_tool_call, encode, is
 log = logging.getLogger(__name__)
 
 Message = Delta | Final | Error
+STEPS_PER_WRITE = 2  # decode steps a write of a stream's middle carries, at least
+MAX_STRETCH = 4  # ... unless that is longer than this many `interval_s`
 
 
 class Answer:
@@ -46,6 +48,7 @@ class Answer:
         self.final: Final | None = None
         self.first_token_at: float | None = None  # unix time
         self.cancelled = False  # the client asked the job to stop
+        self.posted_at: float | None = None  # monotonic time the scheduler last posted
         self.expiry_set_at = float("-inf")  # monotonic time its stream's expiry was last set
         self.error: BaseException | None = None  # publishing failed
         self._loop = loop
@@ -86,17 +89,20 @@ def _set_done(future: asyncio.Future[None]) -> None:
 class Publisher:
     """A thread that writes queued messages to Redis, many jobs to one round trip.
 
-    `interval_s`: the middle of streams is written at most this often. Each write wakes Redis,
-    the web process and its clients, whose work is per write more than per token; on a busy CPU
-    that costs the decode threads more than the wait costs a stream. Measured on 2 cores: web,
-    publisher and Redis used 0.59-0.66 ms of CPU per streamed token writing every 20 ms, 0.35 every
-    50 ms; 8 streams reached 96-97% of llama-server's aggregate at 50 ms, 98% at 100 ms.
+    `interval_s`: the middle of streams is written at most this often, and at most every
+    `STEPS_PER_WRITE` decode steps when steps are longer (many streams on a CPU), up to
+    `MAX_STRETCH` times `interval_s`. Each write wakes Redis, the web process and its clients,
+    whose work is per write more than per token (a write carries one delta per choice); on a busy
+    CPU that costs the decode threads more than the wait costs a stream. Measured on 2 cores at
+    one stream: web, publisher and Redis used 0.59-0.66 ms of CPU per streamed token writing every
+    20 ms, 0.35 every 50 ms. At 8 streams a step takes ~45 ms, so 50 ms meant a write per token.
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, interval_s: float) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.interval_s = interval_s
+        self.step_s = 0.0  # recent time between two posts of one job: about one decode step
         self._queue: queue.SimpleQueue[tuple[Answer, Sequence[Message], bool] | None] = (
             queue.SimpleQueue())
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
@@ -104,6 +110,11 @@ class Publisher:
 
     def post(self, answer: Answer, messages: Sequence[Message], done: bool) -> None:
         """Queue `messages` of `answer`'s job; `done`: the job has no more. Never blocks."""
+        now = time.monotonic()
+        if answer.posted_at is not None:
+            gap = now - answer.posted_at
+            self.step_s = gap if not self.step_s else self.step_s + (gap - self.step_s) / 8
+        answer.posted_at = now
         self._queue.put((answer, messages, done))
 
     def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
@@ -118,7 +129,7 @@ class Publisher:
     def _loop(self) -> None:
         last = 0.0
         while True:
-            items = self._gather(deadline=last + self.interval_s)
+            items = self._gather(deadline=last + self._cadence())
             last = time.monotonic()
             stop = None in items
             batch = [i for i in items if i is not None]
@@ -135,6 +146,11 @@ class Publisher:
                     answer.resolve()
             if stop:
                 return
+
+    def _cadence(self) -> float:
+        """How long the middle of streams waits between writes."""
+        return min(max(self.interval_s, STEPS_PER_WRITE * self.step_s),
+                   MAX_STRETCH * self.interval_s)
 
     def _gather(self, deadline: float) -> list[tuple[Answer, Sequence[Message], bool] | None]:
         """What to write next: the queue's items up to `deadline` (let a few steps pile up: one
