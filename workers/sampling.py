@@ -3,6 +3,8 @@
 The chain follows llama.cpp's own order (common/sampling.cpp): logit bias, penalties, grammar,
 then top-k, top-p, min-p, temperature and a seeded draw, or greedy at temperature 0.
 `llama_sampler_sample` applies the chain to a batch row's logits and accepts the token it picks.
+Plain greedy (temperature 0, no penalties, no grammar) needs no chain: `Greedy` takes the row's
+largest logit.
 """
 
 from __future__ import annotations
@@ -35,14 +37,45 @@ class Grammar:
     param: str = "response_format"  # the request field it came from, for errors
 
 
+class Greedy:
+    """Temperature 0 with no penalties and no grammar: the largest logit (after the bias), read
+    straight off the batch row. A chain would first copy the whole vocabulary into a candidates
+    array: 60-90 us a token for SmolLM2's 49k here against ~14, on the decode thread, once per
+    sequence per step. Ties go to the lowest token id, as in llama.cpp's greedy sampler."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.tokens = np.fromiter(bias, dtype=np.int64, count=len(bias))
+        self.values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+
+    def sample(self, ctx: llama_cpp.llama_context_p, row: int, n_vocab: int) -> int:
+        logits = _row(ctx, row, n_vocab)
+        if len(self.tokens):
+            logits = logits.copy()  # the raw logits stay as they are, for logprobs
+            logits[self.tokens] += self.values
+        return int(logits.argmax())
+
+
+Sampler = LlamaSampler | Greedy
+
+
+def sample(sampler: Sampler, ctx: llama_cpp.llama_context_p, row: int, n_vocab: int) -> int:
+    """The next token from batch row `row`; a chain accepts it as it picks it."""
+    if isinstance(sampler, Greedy):
+        return sampler.sample(ctx, row, n_vocab)
+    return llama_cpp.llama_sampler_sample(sampler.sampler, ctx, row)
+
+
 def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: Grammar | None,
-          seed: int | None, prompt: list[int]) -> LlamaSampler:
+          seed: int | None, prompt: list[int]) -> Sampler:
     """A sampler chain for one sequence; the penalties have already seen the prompt's end."""
+    penalised = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
+    if s.temperature <= 0 and not penalised and grammar is None:
+        return Greedy(bias)
     out = LlamaSampler()
     n_vocab = model.n_vocab()
     if bias:
         out.add_logit_bias(n_vocab, bias)
-    if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+    if penalised:
         out.add_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
                           s.presence_penalty)
         penalties = llama_cpp.llama_sampler_chain_get(
@@ -97,9 +130,7 @@ def _schema_grammar(schema_json: str, param: str) -> Grammar:
 def logprobs(ctx: llama_cpp.llama_context_p, row: int, n_vocab: int, token: int, top_n: int
              ) -> tuple[float, list[tuple[int, float]]]:
     """The log-probability of `token` under batch row `row`'s raw logits, and the top `top_n`."""
-    ptr = llama_cpp.llama_get_logits_ith(ctx, row)
-    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                   shape=(n_vocab,))
+    logits = _row(ctx, row, n_vocab)
     shifted = logits - logits.max()
     lse = float(np.log(np.exp(shifted).sum()))
     top: list[tuple[int, float]] = []
@@ -108,3 +139,10 @@ def logprobs(ctx: llama_cpp.llama_context_p, row: int, n_vocab: int, token: int,
         best = best[np.argsort(shifted[best])[::-1]]
         top = [(int(t), float(shifted[t]) - lse) for t in best]
     return float(shifted[token]) - lse, top
+
+
+def _row(ctx: llama_cpp.llama_context_p, row: int, n_vocab: int) -> np.ndarray:
+    """Batch row `row`'s logits, in place (valid until the next decode)."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, row)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                 shape=(n_vocab,))

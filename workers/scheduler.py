@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import llama_cpp
-from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+from llama_cpp._internals import LlamaContext, LlamaModel
 
 from shared.jobs import Delta, Final, Logprobs, ToolCallDelta, Usage
 from workers import sampling
@@ -47,7 +47,7 @@ class Choice:
     """One answer being generated: its sampler chain and its text so far."""
 
     index: int
-    chain: LlamaSampler
+    chain: sampling.Sampler
     text: TextStream
     top_n: int | None  # logprobs alternatives asked for; None: no logprobs
     tools: ToolStream | None = None  # reads tool calls out of the text; None: plain text
@@ -361,7 +361,7 @@ class Scheduler:
     def _sample(self, seq: Seq) -> None:
         assert seq.choice is not None and seq.group is not None and seq.run is not None
         choice, group = seq.choice, seq.group
-        token = llama_cpp.llama_sampler_sample(choice.chain.sampler, self.ctx.ctx, seq.row)
+        token = sampling.sample(choice.chain, self.ctx.ctx, seq.row, self.n_vocab)
         seq.generated += 1
         if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
             self._finish(seq, "stop", "")
