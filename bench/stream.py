@@ -16,11 +16,12 @@ first, so drift on a busy machine hits both alike.
 
 Prints one row per level: TTFT p50/p95 (submit -> first text), the median per-stream decode
 tokens/s (after the first token), aggregate tokens/s (all tokens / the level's wall time) for
-each side, and the ratios Ferry / llama-server. Tokens are the usage's completion_tokens on both
-sides. --short N also fires N streams of 4 tokens, 16 at a time, at each side and prints the wall
-times. --batched-bench first prints llama-batched-bench's table for the same GGUF: the engine with
-no server around it, the ceiling. --gpu N puts every layer on GPU N on both sides; without it both
-run on the CPU.
+each side, and the ratios Ferry / llama-server; then the median of the per-round aggregate
+ratios (each round runs both sides back to back, so the machine's drift between rounds cancels
+out). Tokens are the usage's completion_tokens on both sides. --short N also fires N streams
+of 4 tokens, 16 at a time, at each side and prints the wall times. --batched-bench first prints
+llama-batched-bench's table for the same GGUF: the engine with no server around it, the
+ceiling. --gpu N puts every layer on GPU N on both sides; without it both run on the CPU.
 """
 
 from __future__ import annotations
@@ -285,6 +286,14 @@ def report(args: argparse.Namespace, results: dict[tuple[str, int], list[Run]]) 
         cells = "".join(f"{f[i]:>7.1f} {ll[i]:>7.1f} " for i in range(3))
         print(f"{level:>4} {cells}{f[3]:>8.1f} {ll[3]:>8.1f} "
               f"{f[3] / ll[3]:>8.1%} {f[2] / ll[2]:>8.1%} {f[0] / ll[0]:>8.2f}x")
+    # Each round's two runs are next to each other in time: their ratio cancels the machine's
+    # drift between rounds, which the medians of each side above do not.
+    print("\naggregate Ferry / llama-server, round by round (median, quartiles):")
+    for level in args.levels:
+        ratios = [f.aggregate_tps / ll.aggregate_tps for f, ll in
+                  zip(results[("ferry", level)], results[("llama-server", level)], strict=True)]
+        print(f"{level:>4}  {statistics.median(ratios):.1%} "
+              f"({pct(ratios, 0.25):.1%} - {pct(ratios, 0.75):.1%}, {len(ratios)} rounds)")
     print()
 
 
