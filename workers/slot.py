@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from arq import Worker
+from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 
@@ -45,6 +46,15 @@ class FerryWorker(Worker):
         if score < timestamp_ms() - AHEAD_MS // 2:
             score += AHEAD_MS
         await super().run_job(job_id, score)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # arq's queue holds running jobs too, and it tries each id in turn at four round trips
+        # apiece: pass over this worker's own jobs, and those another worker runs (one MGET of
+        # their in-progress keys). arq still checks each remaining id itself before taking it.
+        ids = [j for j in job_ids if j.decode() not in self.tasks]
+        if ids:
+            running = await self.pool.mget([in_progress_key_prefix + j.decode() for j in ids])
+            await super().start_jobs([j for j, flag in zip(ids, running, strict=True) if flag is None])
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
