@@ -67,7 +67,8 @@ def sample(sampler: Sampler, ctx: llama_cpp.llama_context_p, row: int, n_vocab: 
 
 def chain(model: LlamaModel, s: Sampling, bias: dict[int, float], grammar: Grammar | None,
           seed: int | None, prompt: list[int]) -> Sampler:
-    """A sampler chain for one sequence; the penalties have already seen the prompt's end."""
+    """A sampler chain for one sequence (plain greedy: `Greedy`, no chain); the penalties have
+    already seen the prompt's end."""
     penalised = s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty
     if s.temperature <= 0 and not penalised and grammar is None:
         return Greedy(bias)

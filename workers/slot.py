@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 from arq import Worker
-from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 
@@ -53,7 +52,7 @@ class FerryWorker(Worker):
         # their in-progress keys). arq still checks each remaining id itself before taking it.
         ids = [j for j in job_ids if j.decode() not in self.tasks]
         if ids:
-            running = await self.pool.mget([in_progress_key_prefix + j.decode() for j in ids])
+            running = await self.pool.mget([keys.arq_in_progress(j.decode()) for j in ids])
             await super().start_jobs([j for j, flag in zip(ids, running, strict=True) if flag is None])
 
     def _release_sem_dec_counter_on_complete(self) -> None:
