@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ferry.redis_server import EmbeddedRedis, free_port  # noqa: E402
-from shared.models import resolve  # noqa: E402
+from shared.registry.models import resolve  # noqa: E402
 
 PEERS = ROOT / ".peers" / "bin"
 BUNDLED = "smollm2-135m-instruct"

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from shared import control, downloads, gguf_info, models
 from shared.errors import FerryError
-from shared.models import ModelRecord, model_id_from_path
+from shared.fleet import control
 from shared.redis import connect
+from shared.registry import downloads, gguf_info, models
+from shared.registry.models import ModelRecord, model_id_from_path
+from shared.registry.sources import check_url, file_name
 from shared.settings import Settings
-from shared.sources import check_url, file_name
 
 URL_FILE = "url"  # `ferry serve` writes its embedded Redis' URL here, under DATA_DIR/redis
 

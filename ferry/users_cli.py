@@ -7,7 +7,7 @@ import sys
 from typing import Any, get_args
 
 from ferry.models_cli import redis_url
-from shared import users
+from shared.credentials import accounts
 from shared.errors import FerryError
 from shared.redis import connect
 from shared.settings import Settings
@@ -25,29 +25,29 @@ async def _run(settings: Settings, command: str, args: dict[str, Any]) -> int:
     redis = await connect(redis_url(settings))
     try:
         if command == "users create":
-            user = await users.create_user(redis, args["name"], args.get("email"), args["admin"])
+            user = await accounts.create_user(redis, args["name"], args.get("email"), args["admin"])
             print(f"created user {user.name} ({user.id}{', admin' if user.admin else ''})")
             return 0
-        user_found = await users.find_user(redis, args["user"] if command == "keys create"
+        user_found = await accounts.find_user(redis, args["user"] if command == "keys create"
                                            else args["name"])
         if user_found is None:
             print("error: no such user", file=sys.stderr)
             return 1
         if command == "keys create":
             permissions = [p.strip() for p in args["permissions"].split(",") if p.strip()]
-            if not set(permissions) <= set(get_args(users.Permission)):
+            if not set(permissions) <= set(get_args(accounts.Permission)):
                 print("error: permissions are read, write or both", file=sys.stderr)
                 return 1
-            key, secret = await users.create_key(redis, user_found.id, args["key_name"],
+            key, secret = await accounts.create_key(redis, user_found.id, args["key_name"],
                                                  permissions)  # type: ignore[arg-type]  # checked above
             print(f"# {key.id} for {user_found.name}: {','.join(key.permissions)}", file=sys.stderr)
             print(secret)
             return 0
         # users token: a JWT and refresh token, for a user with no OpenID Connect login
-        from functions.auth import issue_access_token
+        from functions.identity.auth import issue_access_token
 
         access, ttl = issue_access_token(settings, user_found.id)
-        refresh = await users.issue_refresh(redis, user_found.id, settings.refresh_token_ttl_s)
+        refresh = await accounts.issue_refresh(redis, user_found.id, settings.refresh_token_ttl_s)
         print(f"access_token={access}\nrefresh_token={refresh}\nexpires_in={ttl}")
         return 0
     finally:

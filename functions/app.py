@@ -9,29 +9,15 @@ from quart import Quart, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from functions import (
-    assistants,
-    auth,
-    batches,
-    completions,
-    conversations,
-    cors,
-    files,
-    health,
-    login,
-    metrics,
-    models,
-    openapi,
-    ratelimit,
-    runs,
-    status,
-    threads,
-    tokenize,
-    users,
-)
-from functions.batch_runner import BatchRunner
-from functions.state import LOCAL_USER, FerryState
-from functions.streamhub import StreamHub
+from functions.assistants import assistants, conversations, runs, threads
+from functions.batch import batches, files
+from functions.batch.runner import BatchRunner
+from functions.context import LOCAL_USER, FerryState
+from functions.http import cors, openapi
+from functions.identity import auth, login, ratelimit, users
+from functions.openai import completions, models_api, tokenize
+from functions.ops import health, metrics, status
+from functions.queue.hub import StreamHub
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
 from shared.settings import Settings
@@ -69,7 +55,7 @@ def create_app(settings: Settings) -> Quart:
 
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
-        for bp in (completions.bp, models.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
+        for bp in (completions.bp, models_api.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
                    conversations.bp, status.bp, users.bp, files.bp, batches.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API

@@ -24,8 +24,8 @@ import pytest
 import redis
 
 from ferry.redis_server import EmbeddedRedis, free_port
-from shared import models
 from shared.redis import client
+from shared.registry import models
 
 SMOLLM = "smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final
 from tests.conftest import smollm_path
-from workers.hostcache import common_prefix
-from workers.scheduler import Choice, Group, Run, Scheduler
-from workers.textstream import TextStream
+from workers.engine.prefix_cache import common_prefix
+from workers.engine.scheduler import Choice, Group, Run, Scheduler
+from workers.engine.textstream import TextStream
 
 
 class Answer:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from shared.models import ModelRecord
+from shared.registry.models import ModelRecord
 from tests.conftest import SMOLLM, Proc, smollm_path, start_web, start_worker
 from tests.test_bad_input import error_of
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import InsufficientMemory, NoWorker, Unavailable
-from shared.liveness import Loaded, WorkerInfo
-from shared.placement import choose
+from shared.fleet.liveness import Loaded, WorkerInfo
+from shared.fleet.placement import choose
 
 GB = 2**30
 

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import redis
 
-from functions.jobs import TAKE_GRACE_S, taken_s_ago
+from functions.queue.reader import TAKE_GRACE_S, taken_s_ago
 from shared import keys
 from shared.redis import connect
 from shared.settings import Settings

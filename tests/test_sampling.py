@@ -10,7 +10,7 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Sampling
 from tests.conftest import smollm_path
-from workers import sampling
+from workers.engine import sampling
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
 

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from shared import store
 from shared.errors import NotFound
-from shared.objects import Assistant, Message, Thread, new_id
+from shared.storage import store
+from shared.storage.objects import Assistant, Message, Thread, new_id
 
 
 def test_owners_see_only_their_own_objects(redis_url: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from functions.streamhub import BLOCK_MS, StreamHub
+from functions.queue.hub import BLOCK_MS, StreamHub
 from shared.redis import connect
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.textstream import TextStream
+from workers.engine.textstream import TextStream
 
 
 def feed_all(stream: TextStream, pieces: list[bytes]) -> list[str]:

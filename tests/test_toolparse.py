@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from workers import toolparse, tools
-from workers.toolparse import ToolStream
+from workers.chat import tool_parse, tool_prompt
+from workers.chat.tool_parse import ToolStream
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 
 
-def stream(fmt: toolparse.Format, text: str, step: int = 3, parallel: bool = True
+def stream(fmt: tool_parse.Format, text: str, step: int = 3, parallel: bool = True
            ) -> tuple[str, list[dict[str, Any]], list[Any]]:
     """Feed `text` in pieces of `step` characters; rebuild content and calls from the pieces as
     an OpenAI client does, and keep every piece to check its shape."""
@@ -42,7 +42,7 @@ def stream(fmt: toolparse.Format, text: str, step: int = 3, parallel: bool = Tru
 def test_hermes_call_with_content_before_it() -> None:
     out = ('Hello, world!\nWhat\'s up?<tool_call>\n'
            '{"name": "special_function", "arguments": {"arg1": 1}}</tool_call>')
-    content, calls, pieces = stream(toolparse.Hermes(), out)
+    content, calls, pieces = stream(tool_parse.Hermes(), out)
     assert content == "Hello, world!\nWhat's up?"
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("special_function", {"arg1": 1})]
@@ -52,26 +52,26 @@ def test_hermes_call_with_content_before_it() -> None:
 def test_hermes_parallel_calls_and_plain_text() -> None:
     out = ('<tool_call>\n{"name": "a", "arguments": {"x": "}\\"{"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
-    _, calls, _ = stream(toolparse.Hermes(), out, step=1)
+    _, calls, _ = stream(tool_parse.Hermes(), out, step=1)
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("a", {"x": '}"{'}), ("b", {})]
-    _, one, _ = stream(toolparse.Hermes(), out, parallel=False)
+    _, one, _ = stream(tool_parse.Hermes(), out, parallel=False)
     assert [c["name"] for c in one] == ["a"]
     # A text that only looks like the start of a tag is content once it is clearly not one.
-    assert stream(toolparse.Hermes(), "1 < 2 and <tool that is not")[0] == \
+    assert stream(tool_parse.Hermes(), "1 < 2 and <tool that is not")[0] == \
         "1 < 2 and <tool that is not"
 
 
 def test_hermes_broken_call_is_content() -> None:
     out = "<tool_call>\nnot json at all"
-    content, calls, _ = stream(toolparse.Hermes(), out)
+    content, calls, _ = stream(tool_parse.Hermes(), out)
     assert calls == [] and content == out
 
 
 def test_mistral_calls_with_ids() -> None:
     out = ('[TOOL_CALLS][{"name": "special_function", "arguments": {"arg1": 1}, '
            '"id": "123456789"}]')
-    content, calls, _ = stream(toolparse.Mistral(), out)
+    content, calls, _ = stream(tool_parse.Mistral(), out)
     assert content == ""
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("special_function", {"arg1": 1})]
@@ -79,30 +79,30 @@ def test_mistral_calls_with_ids() -> None:
 
 def test_llama3_bare_json_and_python_tag() -> None:
     out = '{"name": "special_function", "parameters": {"arg1": 1}}'
-    _, calls, _ = stream(toolparse.Llama3(), out)
+    _, calls, _ = stream(tool_parse.Llama3(), out)
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         ("special_function", {"arg1": 1})]
     tagged = '<|python_tag|>{"name": "f", "parameters": {"q": "a;b"}}; {"name": "g", "parameters": {}}'
-    _, calls, _ = stream(toolparse.Llama3(), tagged, step=2)
+    _, calls, _ = stream(tool_parse.Llama3(), tagged, step=2)
     assert [c["name"] for c in calls] == ["f", "g"]
-    assert stream(toolparse.Llama3(), "Hello, world!\nWhat's up?")[0] == "Hello, world!\nWhat's up?"
+    assert stream(tool_parse.Llama3(), "Hello, world!\nWhat's up?")[0] == "Hello, world!\nWhat's up?"
     # A JSON answer that is no call stays the answer.
-    assert stream(toolparse.Llama3(), '{"answer": 42}')[:2] == ('{"answer": 42}', [])
+    assert stream(tool_parse.Llama3(), '{"answer": 42}')[:2] == ('{"answer": 42}', [])
 
 
 def test_generic_response_and_calls() -> None:
-    content, calls, _ = stream(toolparse.Generic(), '{"response": "Caf\\u00e9 \\"ok\\"\\n"}', 1)
+    content, calls, _ = stream(tool_parse.Generic(), '{"response": "Caf\\u00e9 \\"ok\\"\\n"}', 1)
     assert content == 'Café "ok"\n' and calls == []
     out = '{"tool_calls": [{"name": "w", "arguments": {"city": "Paris"}}, {"name": "t", "arguments": {}}]}'
-    content, calls, _ = stream(toolparse.Generic(), out)
+    content, calls, _ = stream(tool_parse.Generic(), out)
     assert content == "" and [c["name"] for c in calls] == ["w", "t"]
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
 
 
 def test_required_list_and_named_arguments() -> None:
-    _, calls, _ = stream(toolparse.CallList(), '[{"name": "w", "arguments": {"n": 12}}]')
+    _, calls, _ = stream(tool_parse.CallList(), '[{"name": "w", "arguments": {"n": 12}}]')
     assert json.loads(calls[0]["arguments"]) == {"n": 12}
-    _, calls, pieces = stream(toolparse.ArgsOnly("w"), '{"city": "Oslo", "days": 3}')
+    _, calls, pieces = stream(tool_parse.ArgsOnly("w"), '{"city": "Oslo", "days": 3}')
     assert calls[0]["name"] == "w" and json.loads(calls[0]["arguments"]) == {"city": "Oslo", "days": 3}
     assert pieces[0].id is not None
 
@@ -118,7 +118,7 @@ def test_templates_render_a_tool_conversation(template: str, family: str | None)
     """Each family's own template takes the tools and a whole call → result → answer exchange
     (Gemma's, which knows no tools, through the fallback)."""
     source = (TEMPLATES / template).read_text()
-    assert tools.family(source) == family
+    assert tool_prompt.family(source) == family
     weather = {"name": "get_weather", "description": "Weather in a city",
                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                               "required": ["city"]}}
@@ -131,9 +131,9 @@ def test_templates_render_a_tool_conversation(template: str, family: str | None)
         {"role": "tool", "tool_call_id": "call_abc", "content": "18C, sunny"},
     ]
     from shared.jobs import Tools
-    plan = tools.plan(messages, Tools(functions=[weather]), family, lambda text: None)
+    plan = tool_prompt.plan(messages, Tools(functions=[weather]), family, lambda text: None)
     fmt = Jinja2ChatFormatter(template=source, eos_token="</s>", bos_token="<s>")
-    prompt = tools.render(fmt, plan).prompt
+    prompt = tool_prompt.render(fmt, plan).prompt
     assert "18C, sunny" in prompt and "get_weather" in prompt
     assert plan.grammar is not None and plan.format is not None
 
@@ -148,7 +148,7 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
 
     from shared.jobs import Tools
     from tests.conftest import smollm_path
-    from workers import sampling
+    from workers.engine import sampling
 
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -157,8 +157,8 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
         weather = {"name": "get_weather", "parameters": {
             "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
         source = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
-        plan = tools.plan([{"role": "user", "content": "Weather?"}], Tools(functions=[weather]),
-                          tools.family(source), lambda text: None)
+        plan = tool_prompt.plan([{"role": "user", "content": "Weather?"}], Tools(functions=[weather]),
+                          tool_prompt.family(source), lambda text: None)
         assert plan.grammar is not None and plan.grammar.patterns == ("<tool_call>",)
         sampler = sampling._grammar_sampler(model, plan.grammar)
         n_vocab = model.n_vocab()

@@ -7,11 +7,12 @@ import logging
 import time
 from typing import Any
 
-from shared import keys, metrics, store
+from shared import keys, telemetry
 from shared.errors import FerryError
 from shared.jobs import Error, GenerationJob, is_cancelled
+from shared.storage import store
+from workers.loaded_model import WorkerState
 from workers.publish import Answer
-from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ async def _record(st: WorkerState, job: GenerationJob, ctx: dict[str, Any], outc
     enqueued = ctx.get("enqueue_time")
     first = answer.first_token_at
     try:
-        await metrics.record_job(
+        await telemetry.record_job(
             st.redis, job.model, outcome,
             answer.final.usage.completion_tokens if answer.final else 0,
             first - enqueued.timestamp() if first and enqueued else None,

@@ -25,17 +25,19 @@ from typing import TYPE_CHECKING
 import redis
 from arq.connections import ArqRedis
 
-from shared import keys, liveness, models
-from shared.control import Answer, Command
+from shared import keys
 from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable
-from shared.liveness import Loaded, WorkerInfo
-from shared.models import ModelRecord
+from shared.fleet import liveness
+from shared.fleet.control import Answer, Command
+from shared.fleet.liveness import Loaded, WorkerInfo
 from shared.redis import client, connect
+from shared.registry import models
+from shared.registry.models import ModelRecord
 from shared.settings import Settings
 from workers.publish import Publisher
 
 if TYPE_CHECKING:
-    from workers.slot import Slot
+    from workers.consumer import Slot
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,9 @@ class WorkerProcess:
 
     async def load(self, spec: str, evict: Sequence[str] = ()) -> str:
         """Load a model (an id, or a path for the command line); returns its id."""
-        from workers.engine import Engine
-        from workers.slot import Slot
-        from workers.state import WorkerState
+        from workers.consumer import Slot
+        from workers.engine.engine import Engine
+        from workers.loaded_model import WorkerState
 
         for model in evict:
             await self.unload(model)
