@@ -14,7 +14,7 @@ export CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CXXFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: install run test bench lint peers
+.PHONY: install run test test-unit bench lint peers
 
 install: $(STAMP)
 
@@ -32,11 +32,14 @@ run: install
 test: install
 	$(PY) -m pytest
 
+# The fast loop: tests/unit starts no process and loads no model (seconds).
+test-unit: install
+	$(PY) -m pytest tests/unit
+
 bench: install peers
 	$(PY) bench/stream.py
 
 lint: install
-	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check ferry functions workers shared tests bench
 	$(VENV)/bin/mypy ferry functions workers shared
 

@@ -96,7 +96,7 @@ def check_bind(settings: Settings) -> None:
         raise SystemExit("FERRY_AUTH=on needs FERRY_JWT_SECRET (a long random string) "
                          "or FERRY_JWT_PRIVATE_KEY_FILE")
     if settings.auth and settings.jwt_private_key_file is not None:
-        from functions.identity.auth import signing_key
+        from shared.credentials.tokens import signing_key
 
         try:
             signing_key(settings)

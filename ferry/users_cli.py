@@ -44,7 +44,7 @@ async def _run(settings: Settings, command: str, args: dict[str, Any]) -> int:
             print(secret)
             return 0
         # users token: a JWT and refresh token, for a user with no OpenID Connect login
-        from functions.identity.auth import issue_access_token
+        from shared.credentials.tokens import issue_access_token
 
         access, ttl = issue_access_token(settings, user_found.id)
         refresh = await accounts.issue_refresh(redis, user_found.id, settings.refresh_token_ttl_s)

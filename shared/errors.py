@@ -3,27 +3,39 @@
     FerryError                      500 server_error
     ├── InvalidRequest              400 invalid_request_error
     │   └── ContextLengthExceeded   400 invalid_request_error / context_length_exceeded
+    ├── Unauthorized                401 invalid_request_error / invalid_api_key
+    ├── Forbidden                   403 permission_error
     ├── NotFound                    404 invalid_request_error
     ├── MethodNotAllowed            405 invalid_request_error
     ├── Conflict                    409 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
     ├── QueueFull                   429 rate_limit_error (Retry-After)
+    ├── RateLimited                 429 rate_limit_error (Retry-After)
+    ├── Cancelled                   499 cancelled: the client, or a cancel request, stopped it
+    ├── InsufficientMemory          507 insufficient_storage
     └── Unavailable                 503 service_unavailable (Retry-After)
         ├── NoWorker                no live worker serves the model
-        └── WorkerLost              the worker running the job stopped beating
+        ├── WorkerLost              the worker running the job stopped beating
+        └── WorkerStopping          the worker was draining and its deadline passed
 
 Library errors are translated into these where they enter Ferry; one handler in
-`functions.app` renders them as ``{"error": {"message", "type", "param", "code"}}``.
+`functions.app` renders them as ``{"error": {"message", "type", "param", "code"}}``. An error
+that crosses Redis (a worker's job, a control command) travels as a `WireError`, the one codec:
+status, type, message, param and code go both ways unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+from typing_extensions import Self
+
 
 class FerryError(Exception):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
+    # Per class; an error rebuilt from the wire keeps the status and type it was sent with.
+    status: int = 500
+    type: str = "server_error"
     default_code: ClassVar[str | None] = None
     retry_after: ClassVar[int | None] = None
 
@@ -141,22 +153,52 @@ class WorkerLost(Unavailable):
     default_code = "worker_lost"
 
 
-_BY_CODE: dict[str, type[FerryError]] = {
-    "context_length_exceeded": ContextLengthExceeded,
-    "worker_lost": WorkerLost,
-    "no_worker": NoWorker,
-}
+class WorkerStopping(Unavailable):
+    default_code = "worker_stopping"
+
+
+class Cancelled(FerryError):
+    """A job stopped because its client left or asked it to (nginx's 499, client closed)."""
+
+    status = 499
+    type = "cancelled"
+    default_code = "cancelled"
+
+
+def _classes(root: type[FerryError]) -> list[type[FerryError]]:
+    return [root, *(c for sub in root.__subclasses__() for c in _classes(sub))]
+
+
+# Rebuilt by code first, then by status. Classes with a constructor of their own (RateLimited,
+# raised only by the web side) are not rebuilt.
+_REBUILT = [c for c in _classes(FerryError) if c.__init__ is FerryError.__init__]
+_BY_CODE = {c.default_code: c for c in _REBUILT if c.default_code}
 _BY_STATUS: dict[int, type[FerryError]] = {
-    400: InvalidRequest,
-    404: NotFound,
-    409: Conflict,
-    429: QueueFull,
-    503: Unavailable,
+    400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
+    409: Conflict, 413: PayloadTooLarge, 429: QueueFull, 499: Cancelled, 503: Unavailable,
     507: InsufficientMemory,
 }
 
 
-def from_wire(status: int, message: str, code: str | None, param: str | None) -> FerryError:
-    """Rebuild an error a worker published, so the handler raises the same kind."""
-    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status, FerryError)
-    return cls(message, param=param, code=code)
+class WireError(BaseModel):
+    """A `FerryError` as it crosses Redis (a job's last stream message, a control answer)."""
+
+    status: int
+    message: str
+    type: str | None = None  # None: the type of the class its code or status names
+    code: str | None = None
+    param: str | None = None
+
+    @classmethod
+    def of(cls, error: FerryError) -> Self:
+        return cls(status=error.status, message=error.message, type=error.type, code=error.code,
+                   param=error.param)
+
+    def exception(self) -> FerryError:
+        """The error again, of the class its code (else its status) names, with the same status,
+        type, message, param and code."""
+        kind = _BY_CODE.get(self.code or "") or _BY_STATUS.get(self.status, FerryError)
+        error = kind(self.message, param=self.param, code=self.code)
+        error.status = self.status
+        error.type = self.type or error.type
+        return error

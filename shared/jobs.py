@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
+from shared.errors import WireError
+
 WIRE_VERSION: Literal[1] = 1
 # An interactive job's score in its model's queue is its time less this (~30 years), so arq,
 # which takes the lowest score first, runs it ahead of every batch line (scored at its time).
@@ -139,16 +141,15 @@ class Final(BaseModel):
     usage: Usage
 
 
-class Error(BaseModel):
+class Error(WireError):
+    """The job failed, or was cancelled: the error as the handler raises it (`exception()`)."""
+
     kind: Literal["error"] = "error"
-    status: int
-    message: str
-    code: str | None = None
-    param: str | None = None
 
 
-Message = Annotated[Delta | Final | Error, Field(discriminator="kind")]
-_message_adapter: TypeAdapter[Delta | Final | Error] = TypeAdapter(Message)
+# The closed set a job's stream carries, told apart by `kind`.
+StreamMessage = Annotated[Delta | Final | Error, Field(discriminator="kind")]
+_message_adapter: TypeAdapter[Delta | Final | Error] = TypeAdapter(StreamMessage)
 
 
 def cancel_value(after_s: float = 0) -> bytes:

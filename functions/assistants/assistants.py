@@ -7,8 +7,9 @@ from typing import Any
 from quart import Blueprint
 
 from functions.assistants.protocol import AssistantCreate, AssistantModify, ListParams
-from functions.context import caller, parse_body, parse_query, state
+from functions.context import caller, state
 from functions.http import schemas as r
+from functions.http.body import parse_body, parse_query
 from functions.http.openapi import operation
 from shared import keys
 from shared.storage import store

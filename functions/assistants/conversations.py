@@ -6,24 +6,38 @@ that names a conversation appends the user's new messages and, once generated, t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel
 from quart import Blueprint
 
 from functions.assistants.protocol import ConversationCreate, ListParams
 from functions.assistants.threads import owned_thread
-from functions.context import caller, parse_body, parse_query, state
+from functions.context import caller, state
 from functions.http import schemas as r
+from functions.http.body import parse_body, parse_query
 from functions.http.openapi import operation
 from functions.openai.protocol import ChatCompletionRequest
 from shared.storage import store
 from shared.storage.objects import Message, Thread, new_id
 
+
+class Conversation(BaseModel):
+    id: str
+    object: Literal["conversation"]
+    title: str
+    model: str | None
+    created_at: int
+    updated_at: int
+    metadata: dict[str, str]
+    assistants: list[dict[str, Any]]
+
+
 bp = Blueprint("conversations", __name__)
 
 
 @bp.post("/conversations")
-@operation("Create a conversation", body=ConversationCreate, response=r.Conversation)
+@operation("Create a conversation", body=ConversationCreate, response=Conversation)
 async def create() -> Any:
     body = await parse_body(ConversationCreate)
     thread = Thread(id=new_id("conv"), owner=caller(), title=body.title, model=body.model,
@@ -33,7 +47,7 @@ async def create() -> Any:
 
 
 @bp.get("/conversations")
-@operation("List conversations", query=ListParams, response=r.Page[r.Conversation])
+@operation("List conversations", query=ListParams, response=r.Page[Conversation])
 async def list_conversations() -> Any:
     params = parse_query(ListParams)
     listing = await store.list_owned(state().redis, Thread, caller(), **params.paging())
@@ -43,7 +57,7 @@ async def list_conversations() -> Any:
 
 
 @bp.get("/conversations/<conversation_id>")
-@operation("Get a conversation with its messages", response=r.Conversation)
+@operation("Get a conversation with its messages", response=Conversation)
 async def get(conversation_id: str) -> Any:
     thread = await owned_thread(conversation_id)
     out = thread.as_conversation()

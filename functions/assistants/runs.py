@@ -15,17 +15,18 @@ from quart import Blueprint
 
 from functions.assistants.protocol import ListParams, RunCreate, SubmitToolOutputs
 from functions.assistants.threads import owned_thread
-from functions.context import caller, parse_body, parse_query, state
+from functions.context import caller, state
 from functions.http import schemas as r
 from functions.http import sse
+from functions.http.body import parse_body, parse_query
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
 from functions.openai.protocol import ToolDef, tools_for_job
 from functions.openai.tokenize import tokenizer
-from functions.queue.reader import JobMeta, JobStream, submit
-from shared import keys
+from functions.queue.handle import job_lost, request_cancel
+from functions.queue.reader import JobStream
+from functions.queue.submit import JobMeta, submit
 from shared.errors import FerryError, InvalidRequest, NotFound
-from shared.fleet import liveness
 from shared.jobs import GenerationJob, Reply, Sampling, ToolCallDelta
 from shared.registry import models
 from shared.storage import store
@@ -149,7 +150,7 @@ async def cancel(thread_id: str, run_id: str) -> Any:
         run = await store.update_run(st.redis, run.id, status="cancelled", cancelled_at=now(),
                                      required_action=None) or run
     elif run.status not in FINISHED:
-        await st.redis.set(keys.job_cancel(run.job_id), b"1", ex=st.settings.stream_ttl_s)
+        await request_cancel(st.redis, run.job_id, st.settings)
         run = await store.update_run(st.redis, run.id, status="cancelling") or run
     return run.public()
 
@@ -205,8 +206,7 @@ async def _checked(run: Run) -> Run:
     redis = state().redis
     if run.status in FINISHED:
         return run
-    owner = await redis.get(keys.job_worker(run.job_id))
-    if owner is not None and not await liveness.is_alive(redis, owner.decode()):
+    if run.job_id and await job_lost(redis, run.job_id, state().settings):
         error = {"code": "worker_lost", "message": "The worker running this run stopped"}
         return await store.update_run(redis, run.id, status="failed", failed_at=now(),
                                       last_error=error) or run

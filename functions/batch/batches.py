@@ -7,10 +7,11 @@ from typing import Any
 
 from quart import Blueprint
 
-from functions.assistants.protocol import BatchCreate, BatchList
 from functions.batch.files import owned_file
-from functions.context import caller, parse_body, parse_query, state
+from functions.batch.protocol import BatchCreate, BatchList
+from functions.context import caller, state
 from functions.http import schemas as r
+from functions.http.body import parse_body, parse_query
 from functions.http.openapi import operation
 from shared import keys
 from shared.errors import InvalidRequest, NotFound

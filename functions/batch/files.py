@@ -15,10 +15,11 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from functions.assistants.protocol import FileList, FileUpload
 from functions.batch.file_store import file_store
-from functions.context import caller, parse_query, state
+from functions.batch.protocol import FileList, FileUpload
+from functions.context import caller, state
 from functions.http import schemas as r
+from functions.http.body import parse_query
 from functions.http.openapi import operation
 from shared.errors import InvalidRequest, NotFound, PayloadTooLarge
 from shared.storage import store

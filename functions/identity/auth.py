@@ -10,19 +10,13 @@ With auth off every request is the one local user, with every permission.
 
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from quart import g, request
 
 from functions.context import LOCAL_USER, state
-from shared.credentials import accounts
+from shared.credentials import accounts, tokens
 from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.settings import Settings
 
@@ -71,15 +65,6 @@ def require_admin() -> None:
         raise Forbidden("Only an administrator may change models")
 
 
-def issue_access_token(settings: Settings, user_id: str) -> tuple[str, int]:
-    """A signed JWT for `user_id` and its lifetime in seconds."""
-    now = int(time.time())
-    claims = {"sub": user_id, "iss": settings.jwt_issuer, "aud": settings.jwt_audience,
-              "iat": now, "exp": now + settings.access_token_ttl_s}
-    key = signing_key(settings)
-    return jwt.encode(claims, key.sign, algorithm=key.algorithm), settings.access_token_ttl_s
-
-
 def bearer() -> str | None:
     """The token in ``Authorization: Bearer …``; None without the header, 401 when malformed."""
     header = request.headers.get("Authorization", "")
@@ -100,10 +85,7 @@ async def _resolve(token: str, settings: Settings) -> Identity:
         user_id, permissions, via = key.user_id, frozenset(key.permissions), "api_key"
     else:
         try:
-            pair = signing_key(settings)
-            claims = jwt.decode(token, pair.verify, algorithms=[pair.algorithm],
-                                audience=settings.jwt_audience, issuer=settings.jwt_issuer,
-                                options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+            claims = tokens.verify_access_token(settings, token)
         except jwt.ExpiredSignatureError:
             raise Unauthorized("The token has expired; refresh it") from None
         except jwt.InvalidTokenError:
@@ -114,32 +96,3 @@ async def _resolve(token: str, settings: Settings) -> Identity:
     except NotFound:  # deleted since the token or key was issued
         raise Unauthorized("The token's user no longer exists") from None
     return Identity(user.id, permissions, user.admin, via)
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    algorithm: str  # the only one accepted when verifying: no "none", no HS/RS confusion
-    sign: Any
-    verify: Any
-
-
-def signing_key(settings: Settings) -> SigningKey:
-    """The key pair in FERRY_JWT_PRIVATE_KEY_FILE (RSA: RS256, EC P-256: ES256), else the secret."""
-    if settings.jwt_private_key_file is not None:
-        return _key_pair(settings.jwt_private_key_file)
-    if settings.jwt_secret is None:
-        raise RuntimeError("FERRY_AUTH=on needs FERRY_JWT_SECRET or FERRY_JWT_PRIVATE_KEY_FILE")
-    secret = settings.jwt_secret.get_secret_value()
-    return SigningKey("HS256", secret, secret)
-
-
-@functools.cache
-def _key_pair(path: Path) -> SigningKey:
-    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if isinstance(private, rsa.RSAPrivateKey):
-        algorithm = "RS256"
-    elif isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp256r1":
-        algorithm = "ES256"
-    else:
-        raise ValueError(f"{path}: expected an RSA or EC P-256 private key (PEM)")
-    return SigningKey(algorithm, private, private.public_key())

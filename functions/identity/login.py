@@ -13,10 +13,9 @@ import httpx
 from quart import Blueprint, redirect, request
 
 from functions.context import state
-from functions.http import schemas as r
 from functions.http.openapi import operation
 from functions.identity import oidc
-from functions.identity.users import tokens_for
+from functions.identity.users import LoggedIn, tokens_for
 from shared.credentials import accounts
 from shared.errors import InvalidRequest, NotFound
 
@@ -42,7 +41,7 @@ async def begin() -> Any:
 
 
 @bp.get("/auth/google/callback")
-@operation("The provider's callback: issues Ferry's tokens", response=r.LoggedIn)
+@operation("The provider's callback: issues Ferry's tokens", response=LoggedIn)
 async def callback() -> Any:
     _enabled()
     args = request.args

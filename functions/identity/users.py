@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, request
 
-from functions.context import caller, parse_body, state
+from functions.context import caller, state
 from functions.http import schemas as r
+from functions.http.body import parse_body
 from functions.http.openapi import operation
-from functions.identity.auth import bearer, issue_access_token
+from functions.identity.auth import bearer
 from shared.credentials import accounts
 from shared.credentials.accounts import ApiKey, Permission, User
+from shared.credentials.tokens import issue_access_token
 from shared.errors import InvalidRequest, Unauthorized
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    refresh_token: str
+
+
+class LoggedIn(TokenPair):
+    user: User
+
+
+class NewKey(ApiKey):
+    key: str  # the secret, shown this once
+
 
 bp = Blueprint("users", __name__)
 
@@ -39,7 +57,7 @@ async def tokens_for(user_id: str) -> dict[str, Any]:
 
 
 @bp.post("/auth/refresh")
-@operation("Spend a refresh token for new tokens", body=RefreshRequest, response=r.TokenPair)
+@operation("Spend a refresh token for new tokens", body=RefreshRequest, response=TokenPair)
 async def refresh() -> Any:
     """Spend a refresh token (body ``refresh_token``, or the bearer) for a new pair."""
     if not state().settings.auth:
@@ -61,7 +79,7 @@ async def profile() -> Any:
 
 
 @bp.post("/user/api-keys")
-@operation("Create an API key (its secret is shown once)", body=NewApiKey, response=r.NewKey)
+@operation("Create an API key (its secret is shown once)", body=NewApiKey, response=NewKey)
 async def create_key() -> Any:
     body = await parse_body(NewApiKey)
     key, secret = await accounts.create_key(state().redis, caller(), body.name, body.permissions)

@@ -9,17 +9,20 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from functions.assistants.conversations import record_turn
-from functions.context import parse_body, state
-from functions.http import schemas as r
+from functions.context import state
 from functions.http import sse
+from functions.http.body import parse_body
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
+from functions.openai import answers as a
 from functions.openai.protocol import ChatCompletionRequest, CompletionRequest
 from functions.openai.render import Renderer
-from functions.queue.reader import JobMeta, JobStream, deltas_upto, load_meta, read_all, reader_back, submit
+from functions.queue.handle import call_off_cancel, request_cancel
+from functions.queue.reader import JobStream, deltas_upto, load_meta, read_all
+from functions.queue.submit import JobMeta, submit
 from shared import keys
-from shared.errors import NotFound, from_wire
-from shared.jobs import Delta, Error, Final, Reply, cancel_value
+from shared.errors import NotFound
+from shared.jobs import Delta, Error, Final, Reply
 from shared.registry import models
 from shared.storage.objects import check_id, new_id
 
@@ -27,13 +30,13 @@ bp = Blueprint("completions", __name__)
 
 
 @bp.post("/chat/completions")
-@operation("Create a chat completion", body=ChatCompletionRequest, response=r.ChatCompletion, media=STREAM)
+@operation("Create a chat completion", body=ChatCompletionRequest, response=a.ChatCompletion, media=STREAM)
 async def chat_completions() -> Any:
     return await _complete(await parse_body(ChatCompletionRequest))
 
 
 @bp.post("/completions")
-@operation("Create a text completion", body=CompletionRequest, response=r.TextCompletion, media=STREAM)
+@operation("Create a text completion", body=CompletionRequest, response=a.TextCompletion, media=STREAM)
 async def completions() -> Any:
     return await _complete(await parse_body(CompletionRequest))
 
@@ -50,7 +53,7 @@ async def resume(job_id: str) -> Response:
             await st.redis.zscore(keys.queue(meta.model), job_id) is None:
         raise NotFound(f"No stream '{job_id}' (unknown, or no longer kept)",
                        code="stream_not_found")  # neither written nor waiting to be
-    await reader_back(st.redis, job_id)
+    await call_off_cancel(st.redis, job_id)
     after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     renderer = Renderer(meta)
     for seen in await deltas_upto(st.redis, job_id, after):
@@ -63,7 +66,7 @@ async def resume(job_id: str) -> Response:
 @bp.get("/chat/completions/<job_id>")
 @bp.get("/completions/<job_id>")
 @operation("Get a completion: the answer once finished, else its status (async requests)",
-           response=r.AsyncStatus)
+           response=a.AsyncStatus)
 async def get(job_id: str) -> Any:
     st = state()
     job_id = _job_id(job_id)
@@ -76,21 +79,20 @@ async def get(job_id: str) -> Any:
     status: dict[str, Any] = {"id": renderer.id, "object": renderer.object, "created": meta.created,
                               "model": meta.model}
     if messages and isinstance(end := messages[-1], Error):
-        error = from_wire(end.status, end.message, end.code, end.param)
         return {**status, "status": "cancelled" if end.code == "cancelled" else "failed",
-                **error.to_dict()}
+                **end.exception().to_dict()}
     started = messages or await st.redis.exists(keys.job_worker(job_id))
     return {**status, "status": "in_progress" if started else "queued"}
 
 
 @bp.post("/chat/completions/<job_id>/cancel")
 @bp.post("/completions/<job_id>/cancel")
-@operation("Cancel a completion (an async request, say)", response=r.AsyncStatus)
+@operation("Cancel a completion (an async request, say)", response=a.AsyncStatus)
 async def cancel(job_id: str) -> Any:
     st = state()
     job_id = _job_id(job_id)
     await load_meta(st.redis, job_id, started=False)
-    await st.redis.set(keys.job_cancel(job_id), cancel_value(), ex=st.settings.stream_ttl_s)
+    await request_cancel(st.redis, job_id, st.settings)
     return await get(job_id)
 
 

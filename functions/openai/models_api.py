@@ -12,12 +12,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint
 
-from functions.context import FerryState, parse_body, state
+from functions.context import FerryState, state
 from functions.http import schemas as r
 from functions.http import sse
+from functions.http.body import parse_body
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
 from functions.identity.auth import require_admin
+from functions.openai import answers as a
 from shared import keys
 from shared.errors import Conflict, InvalidRequest
 from shared.fleet import control
@@ -50,14 +52,14 @@ class DownloadRequest(BaseModel):
 
 
 @bp.get("/models")
-@operation("List models", response=r.Page[r.ModelInfo])
+@operation("List models", response=r.Page[a.ModelInfo])
 async def list_models() -> Any:
     records = await models.all_models(state().redis)
     return {"object": "list", "data": [await _public(r) for r in records]}
 
 
 @bp.get("/models/<model_id>")
-@operation("Get a model", response=r.ModelInfo)
+@operation("Get a model", response=a.ModelInfo)
 async def get_model(model_id: str) -> Any:
     record = await models.get(state().redis, model_id)
     out = await _public(record)
@@ -116,7 +118,7 @@ async def progress(model_id: str) -> Any:
 
 
 @bp.put("/models/<model_id>/start")
-@operation("Load a model on a worker (admin)", response=r.ModelState)
+@operation("Load a model on a worker (admin)", response=a.ModelState)
 async def start(model_id: str) -> Any:
     """Load the model on a worker (placed by memory, evicting idle models if need be)."""
     require_admin()
@@ -127,7 +129,7 @@ async def start(model_id: str) -> Any:
 
 
 @bp.put("/models/<model_id>/stop")
-@operation("Unload a model everywhere (admin)", response=r.ModelState)
+@operation("Unload a model everywhere (admin)", response=a.ModelState)
 async def stop(model_id: str) -> Any:
     require_admin()
     st = state()

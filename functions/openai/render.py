@@ -1,39 +1,38 @@
-"""Turn a job's messages into OpenAI's response objects: chunks for streams, one object otherwise."""
+"""Turn a job's messages into OpenAI's answer objects (`functions.openai.answers`): a chunk per
+delta for streams, one completion otherwise."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from functions.queue.reader import JobMeta
-from shared.jobs import Delta, Logprobs, ToolCallDelta, Usage, add_tool_call
+from functions.openai import answers as a
+from functions.queue.submit import JobMeta
+from shared import jobs
+from shared.jobs import Delta, Logprobs, ToolCallDelta, add_tool_call
 
 
-def _usage(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
+def _usage(usage: jobs.Usage) -> a.Usage:
+    return a.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens,
+                   prompt_tokens_details=a.PromptTokensDetails(cached_tokens=usage.cached_tokens))
 
 
-def _chat_logprobs(lp: Logprobs) -> list[dict[str, Any]]:
-    return [
-        {
-            "token": token,
-            "logprob": logprob,
-            "bytes": list(token.encode()),
-            "top_logprobs": [
-                {"token": t, "logprob": v, "bytes": list(t.encode())}
-                for t, v in (top or {}).items()
-            ],
-        }
+def _chat_logprobs(lp: Logprobs) -> a.ChatLogprobs:
+    return a.ChatLogprobs(content=[
+        a.TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=[
+            a.TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in (top or {}).items()
+        ])
         for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)
-    ]
+    ], refusal=None)
+
+
+def _text_logprobs(lp: Logprobs) -> a.TextLogprobs:
+    return a.TextLogprobs(tokens=lp.tokens, token_logprobs=lp.token_logprobs,
+                          top_logprobs=lp.top_logprobs, text_offset=lp.text_offset)
 
 
 class Renderer:
-    """Renders one job as chat or text completion objects."""
+    """Renders one job as chat or text completion objects, as JSON-ready dicts."""
 
     def __init__(self, meta: JobMeta) -> None:
         self.meta = meta
@@ -43,15 +42,9 @@ class Renderer:
         self.object = "chat.completion" if self.chat else "text_completion"
         self._started: set[int] = set()
 
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {
-            "id": self.id,
-            "object": obj,
-            "created": self.meta.created,
-            "model": self.meta.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+    def _envelope(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "created": self.meta.created,
+                               "model": self.meta.model, "system_fingerprint": None}
         if self.meta.include_usage:
             out["usage"] = None
         return out
@@ -60,40 +53,37 @@ class Renderer:
 
     def chunk(self, delta: Delta) -> dict[str, Any]:
         if not self.chat:
-            choice = {
-                "index": delta.index,
-                "text": delta.text,
-                "logprobs": delta.logprobs.model_dump() if delta.logprobs else None,
-                "finish_reason": delta.finish_reason,
-            }
-            return self._envelope("text_completion", [choice])
-        body: dict[str, Any] = {}
+            return a.dump(a.TextCompletion(**self._envelope(), object="text_completion", choices=[
+                a.TextChoice(index=delta.index, text=delta.text,
+                             logprobs=_text_logprobs(delta.logprobs) if delta.logprobs else None,
+                             finish_reason=delta.finish_reason)]))
+        body = a.ChunkDelta()
         if delta.index not in self._started:
             self._started.add(delta.index)
-            body["role"] = "assistant"
+            body.role = "assistant"
         if delta.tool_call is not None:
-            if "role" in body:
-                body["content"] = None
-            body["tool_calls"] = [_tool_call_chunk(delta.tool_call)]
-        elif delta.text or "role" in body:
-            body["content"] = delta.text
-        choice = {
-            "index": delta.index,
-            "delta": body,
-            "logprobs": {"content": _chat_logprobs(delta.logprobs), "refusal": None}
-            if delta.logprobs else None,
-            "finish_reason": delta.finish_reason,
-        }
-        return self._envelope("chat.completion.chunk", [choice])
+            if body.role:
+                body.content = None
+            body.tool_calls = [_tool_call_chunk(delta.tool_call)]
+        elif delta.text or body.role:
+            body.content = delta.text
+        choice = a.ChatChunkChoice(
+            index=delta.index, delta=body,
+            logprobs=_chat_logprobs(delta.logprobs) if delta.logprobs else None,
+            finish_reason=delta.finish_reason)
+        return a.dump(a.ChatCompletionChunk(**self._envelope(), object="chat.completion.chunk",
+                                            choices=[choice]))
 
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        out = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        out["usage"] = _usage(usage)
-        return out
+    def usage_chunk(self, usage: jobs.Usage) -> dict[str, Any]:
+        envelope = {**self._envelope(), "usage": _usage(usage), "choices": []}
+        if self.chat:
+            return a.dump(a.ChatCompletionChunk(**envelope, object="chat.completion.chunk"))
+        return a.dump(a.TextCompletion(**envelope, object="text_completion"))
 
     # Whole responses
 
-    def response(self, deltas: list[Delta], usage: Usage, choice_count: int) -> dict[str, Any]:
+    def response(self, deltas: list[Delta], usage: jobs.Usage, choice_count: int
+                 ) -> dict[str, Any]:
         texts = [""] * choice_count
         finish: list[str | None] = [None] * choice_count
         logprobs: list[list[Logprobs] | None] = [None] * choice_count
@@ -105,40 +95,35 @@ class Renderer:
             finish[d.index] = d.finish_reason or finish[d.index]
             if d.logprobs:
                 logprobs[d.index] = (logprobs[d.index] or []) + [d.logprobs]
-        choices = []
-        for i in range(choice_count):
-            merged = _merge(logprobs[i])
-            if self.chat:
-                message: dict[str, Any] = {
-                    "role": "assistant", "content": texts[i] or (None if calls[i] else ""),
-                    "refusal": None}
-                if calls[i]:
-                    message["tool_calls"] = calls[i]
-                choices.append({
-                    "index": i,
-                    "message": message,
-                    "logprobs": {"content": _chat_logprobs(merged), "refusal": None}
-                    if merged else None,
-                    "finish_reason": finish[i] or "stop",
-                })
-            else:
-                choices.append({
-                    "index": i,
-                    "text": texts[i],
-                    "logprobs": merged.model_dump() if merged else None,
-                    "finish_reason": finish[i] or "stop",
-                })
-        out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        out["usage"] = _usage(usage)
-        return out
+        envelope = {**self._envelope(), "usage": _usage(usage)}
+        merged = [_merge(lp) for lp in logprobs]
+        if self.chat:
+            return a.dump(a.ChatCompletion(**envelope, object="chat.completion", choices=[
+                a.ChatChoice(index=i, message=_message(texts[i], calls[i]),
+                             logprobs=_chat_logprobs(lp) if (lp := merged[i]) else None,
+                             finish_reason=finish[i] or "stop")
+                for i in range(choice_count)]))
+        return a.dump(a.TextCompletion(**envelope, object="text_completion", choices=[
+            a.TextChoice(index=i, text=texts[i],
+                         logprobs=_text_logprobs(lp) if (lp := merged[i]) else None,
+                         finish_reason=finish[i] or "stop")
+            for i in range(choice_count)]))
 
 
-def _tool_call_chunk(tc: ToolCallDelta) -> dict[str, Any]:
+def _message(text: str, calls: list[dict[str, Any]]) -> a.AssistantMessage:
+    message = a.AssistantMessage(role="assistant", content=text or (None if calls else ""),
+                                 refusal=None)
+    if calls:
+        message.tool_calls = [a.ToolCall.model_validate(c) for c in calls]
+    return message
+
+
+def _tool_call_chunk(tc: ToolCallDelta) -> a.ChunkToolCall:
     """A call's first chunk names it (arguments empty); the later ones carry arguments only."""
     if tc.id is not None:
-        return {"index": tc.index, "id": tc.id, "type": "function",
-                "function": {"name": tc.name, "arguments": tc.arguments}}
-    return {"index": tc.index, "function": {"arguments": tc.arguments}}
+        return a.ChunkToolCall(index=tc.index, id=tc.id, type="function",
+                               function=a.ChunkFunction(name=tc.name, arguments=tc.arguments))
+    return a.ChunkToolCall(index=tc.index, function=a.ChunkFunction(arguments=tc.arguments))
 
 
 def _merge(parts: list[Logprobs] | None) -> Logprobs | None:

@@ -11,9 +11,10 @@ from typing import Any
 
 from quart import Blueprint
 
-from functions.context import parse_body, state
-from functions.http import schemas as r
+from functions.context import state
+from functions.http.body import parse_body
 from functions.http.openapi import operation
+from functions.openai import answers as a
 from functions.openai.protocol import DetokenizeRequest, TokenizeRequest
 from shared.errors import InvalidRequest
 from shared.registry import models
@@ -34,7 +35,7 @@ async def tokenizer(model: str | None) -> Any:
 
 
 @bp.post("/extras/tokenize")
-@operation("Tokenize text with a model's tokenizer", body=TokenizeRequest, response=r.Tokens)
+@operation("Tokenize text with a model's tokenizer", body=TokenizeRequest, response=a.Tokens)
 async def tokenize() -> Any:
     req = await parse_body(TokenizeRequest)
     vocab = await tokenizer(req.model)
@@ -46,7 +47,7 @@ async def tokenize() -> Any:
 
 
 @bp.post("/extras/tokenize/count")
-@operation("Count tokens", body=TokenizeRequest, response=r.TokenCount)
+@operation("Count tokens", body=TokenizeRequest, response=a.TokenCount)
 async def count() -> Any:
     req = await parse_body(TokenizeRequest)
     vocab = await tokenizer(req.model)
@@ -54,7 +55,7 @@ async def count() -> Any:
 
 
 @bp.post("/extras/detokenize")
-@operation("Turn tokens back into text", body=DetokenizeRequest, response=r.Detokenized)
+@operation("Turn tokens back into text", body=DetokenizeRequest, response=a.Detokenized)
 async def detokenize() -> Any:
     req = await parse_body(DetokenizeRequest)
     vocab = await tokenizer(req.model)

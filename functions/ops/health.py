@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel
 from quart import Blueprint
 from redis.exceptions import RedisError
 
 from functions.context import state
-from functions.http import schemas as r
 from functions.http.openapi import operation
 from shared.fleet import liveness
 from shared.registry import models
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    timestamp: str
+    reason: str | None = None
+    workers: dict[str, int] = {}
+    persistence: str | None = None
+    warning: str | None = None
+
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/health")
-@operation("Liveness: this process, Redis and a worker", response=r.Health)
+@operation("Liveness: this process, Redis and a worker", response=Health)
 async def health() -> Any:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     redis = state().redis

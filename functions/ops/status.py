@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 from quart import Blueprint
 from redis.exceptions import RedisError
 
 from functions.context import state
-from functions.http import schemas as r
 from functions.http.openapi import operation
 from functions.identity import oidc
 from functions.ops.health import persistence
@@ -18,11 +18,20 @@ from shared import keys
 from shared.fleet import liveness
 from shared.registry import models
 
+
+class Status(BaseModel):
+    api_gateway: str
+    database: dict[str, Any]
+    inference_model: dict[str, dict[str, Any]] = {}
+    workers: list[dict[str, Any]] = []
+    external_apis: dict[str, Any] = {}
+
+
 bp = Blueprint("status", __name__)
 
 
 @bp.get("/status")
-@operation("Status of the API, Redis, models, workers and the login provider", response=r.Status)
+@operation("Status of the API, Redis, models, workers and the login provider", response=Status)
 async def status() -> Any:
     redis = state().redis
     try:

@@ -1,7 +1,7 @@
 """Starting and stopping models: the handler's side of a worker's control list.
 
 A command goes on the chosen worker's list (``keys.control``); the worker acts on it and pushes an
-`Answer` onto the command's reply list, which the caller waits on while checking the worker's
+`CommandResult` onto the command's reply list, which the caller waits on while checking the worker's
 heartbeat, so a worker that dies mid-load fails the start instead of hanging it.
 """
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.errors import Conflict, Unavailable, WorkerLost, from_wire
+from shared.errors import Conflict, Unavailable, WireError, WorkerLost
 from shared.fleet import liveness
 from shared.fleet.liveness import WorkerInfo
 from shared.fleet.placement import choose
@@ -38,11 +38,10 @@ class Command(BaseModel):
     reply_to: str
 
 
-class Answer(BaseModel):
-    ok: bool
-    status: int = 200
-    message: str = ""
-    code: str | None = None
+class CommandResult(BaseModel):
+    """A worker's answer to a command: done, or the error it failed with."""
+
+    error: WireError | None = None
 
 
 async def ask(redis: Redis, worker_id: str, op: Literal["load", "unload"], model: str,
@@ -57,9 +56,9 @@ async def ask(redis: Redis, worker_id: str, op: Literal["load", "unload"], model
     while time.monotonic() < deadline:
         got = await redis.blpop([command.reply_to], timeout=POLL_S)
         if got is not None:
-            answer = Answer.model_validate_json(got[1])
-            if not answer.ok:
-                raise from_wire(answer.status, answer.message, answer.code, "model")
+            result = CommandResult.model_validate_json(got[1])
+            if result.error is not None:
+                raise result.error.exception()
             return
         if not await liveness.is_alive(redis, worker_id):
             raise WorkerLost(f"The worker asked to {op} '{model}' stopped responding")

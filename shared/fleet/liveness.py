@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from shared import keys
 
 
-class Loaded(BaseModel):
-    """One model a worker holds."""
+class ModelUsage(BaseModel):
+    """One model a worker holds, as its heartbeat shows it."""
 
     id: str
     need: int  # estimated bytes it takes (`shared.models.need_bytes`)
@@ -26,7 +26,7 @@ class WorkerInfo(BaseModel):
     host: str = socket.gethostname()
     pid: int
     device: str  # "cpu", "gpu:N", or "auto" (whatever llama.cpp finds)
-    models: list[Loaded] = []
+    models: list[ModelUsage] = []
     capacity: int  # bytes of memory this worker may fill with models
     max_models: int  # most models it holds at once
     memory_total: int = 0  # bytes, host memory

@@ -14,8 +14,8 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import SMOLLM, Proc, moto_s3, start_web, start_worker
-from tests.test_queue import sse_events
+from shared import keys
+from tests.helpers import SMOLLM, Proc, moto_s3, sse_events, start_web, start_worker
 
 CHAT = "/v1/chat/completions"
 LIMIT = 48 << 20  # the largest upload, in the test with its own web process
@@ -287,7 +287,7 @@ def test_batch_survives_a_killed_worker_and_web(
         out = results(client_for(url), done.output_file_id)
         assert set(out) == {f"req-{i}" for i in range(30)} and done.error_file_id is None
         assert done.request_counts.completed == 30 and done.request_counts.failed == 0
-        assert rds.scard(f"ferry:batch:lines:{model}") == 0
+        assert rds.scard(keys.batch_lines(model)) == 0
     finally:
         for p in procs:
             p.stop()
@@ -303,7 +303,7 @@ def test_final_counts_are_taken_from_the_results(client: openai.OpenAI, rds: red
     while client.batches.retrieve(batch.id).request_counts.completed < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    key = f"ferry:obj:batch:{batch.id}"
+    key = keys.obj("batch", batch.id)
     stored = orjson.loads(rds.get(key))
     stored["request_counts"]["completed"] -= 2
     stored["usage"]["output_tokens"] = 0
@@ -381,7 +381,7 @@ def test_cli_submits_and_waits(base_url: str, env: dict[str, str], tmp_path: Pat
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     source = tmp_path / "requests.jsonl"
     source.write_bytes(jsonl([chat_line(i) for i in range(3)]))

@@ -9,7 +9,7 @@ import pytest
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Sampling
-from tests.conftest import smollm_path
+from tests.helpers import smollm_path
 from workers.engine import sampling
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]

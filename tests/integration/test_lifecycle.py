@@ -15,9 +15,9 @@ import httpx
 import pytest
 import redis
 
+from shared import keys
 from shared.registry.models import ModelRecord
-from tests.conftest import SMOLLM, Proc, smollm_path, start_web, start_worker
-from tests.test_bad_input import error_of
+from tests.helpers import SMOLLM, Proc, error_of, smollm_path, start_web, start_worker
 
 GEMMA = "gemma3-270m-it"
 
@@ -106,7 +106,7 @@ def test_unknown_and_too_large_models(fleet: dict[str, Any]) -> None:
     huge = ModelRecord(id="huge", created=0, path=str(smollm_path()),
                        metadata={"size": 2**50})
     redis.Redis.from_url(fleet["env"]["REDIS_URL"]).hset(
-        "ferry:models", huge.id, huge.model_dump_json())
+        keys.MODELS, huge.id, huge.model_dump_json())
     err = error_of(http.put("/v1/models/huge/start"), 507)
     assert err["code"] == "model_too_large" and "MiB" in err["message"]
     err = error_of(chat(http, "huge"), 507)  # auto-start says the same

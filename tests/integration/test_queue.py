@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,30 +15,14 @@ from functions.queue.reader import TAKE_GRACE_S, taken_s_ago
 from shared import keys
 from shared.redis import connect
 from shared.settings import Settings
-from tests.conftest import SMOLLM, Proc, start_worker
+from tests.helpers import SMOLLM, Proc, sse_events, start_worker
 
 LONG = {"model": SMOLLM, "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 400, "ignore_eos": True, "stream": True}
 
 
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
-    """(id, data) for each event of an SSE body, comments skipped."""
-    event_id = None
-    for line in lines:
-        if line.startswith("id: "):
-            event_id = line[4:]
-        elif line.startswith("data: "):
-            yield event_id, line[6:]
-            event_id = None
 
 
-def stream_text(datas: list[str]) -> str:
-    out = ""
-    for d in datas:
-        if d != "[DONE]":
-            choices = orjson.loads(d)["choices"]
-            out += "".join(c["delta"].get("content") or "" for c in choices)
-    return out
 
 
 def job_id_of(chunk_data: str) -> str:
@@ -47,7 +30,7 @@ def job_id_of(chunk_data: str) -> str:
 
 
 def deltas_in(rds: redis.Redis, job_id: str) -> int:
-    return sum(1 for _, f in rds.xrange(f"ferry:stream:{job_id}")
+    return sum(1 for _, f in rds.xrange(keys.stream(job_id))
                if orjson.loads(f[b"m"])["kind"] == "delta")
 
 
@@ -82,7 +65,7 @@ def test_disconnect_stops_generation_and_frees_the_model(
         first = next(d for _, d in sse_events(r.iter_lines()))
     job = job_id_of(first)  # the client is gone now
     deadline = time.monotonic() + 10
-    while not (value := rds.get(f"ferry:job:{job}:cancel")):
+    while not (value := rds.get(keys.job_cancel(job))):
         assert time.monotonic() < deadline, "the handler never told the worker to stop"
         time.sleep(0.005)
     # It waits out the grace period (FERRY_RESUME_GRACE_S=1 here) for the client to come back.
@@ -90,16 +73,16 @@ def test_disconnect_stops_generation_and_frees_the_model(
     cancel_at = float(value[3:])
     time.sleep(max(0.0, cancel_at - time.time()))
     while True:
-        kinds = [orjson.loads(f[b"m"])["kind"] for _, f in rds.xrange(f"ferry:stream:{job}")]
+        kinds = [orjson.loads(f[b"m"])["kind"] for _, f in rds.xrange(keys.stream(job))]
         if kinds and kinds[-1] == "error":
             break
         assert time.monotonic() < deadline, "the worker did not stop"
         time.sleep(0.05)
-    last = orjson.loads(rds.xrevrange(f"ferry:stream:{job}", count=1)[0][1][b"m"])
+    last = orjson.loads(rds.xrevrange(keys.stream(job), count=1)[0][1][b"m"])
     assert last["code"] == "cancelled"
     # The worker reads the flag when it next writes (at most FERRY_STREAM_INTERVAL_MS later) and stops at
     # its next step. A stream entry's id is Redis' clock in ms when it was written.
-    written = [int(i.split(b"-")[0]) / 1000 for i, f in rds.xrange(f"ferry:stream:{job}")
+    written = [int(i.split(b"-")[0]) / 1000 for i, f in rds.xrange(keys.stream(job))
                if orjson.loads(f[b"m"])["kind"] == "delta"]
     assert max(written) - cancel_at <= Settings().stream_interval_ms / 1000 + 0.2
     assert deltas_in(rds, job) < 400
@@ -140,7 +123,7 @@ def test_resume_follows_a_live_stream(base_url: str) -> None:
 
 
 def test_queue_full_is_429(http: httpx.Client, rds: redis.Redis) -> None:
-    queue = f"ferry:queue:{SMOLLM}"
+    queue = keys.queue(SMOLLM)
     far_future = time.time() * 1000 + 3_600_000  # never due, so the worker leaves them alone
     fillers = {f"filler-{i}": far_future for i in range(64)}
     rds.zadd(queue, fillers)
@@ -251,7 +234,7 @@ def test_streams_expire_after_the_job(http: httpx.Client, rds: redis.Redis) -> N
     done = http.post("/v1/chat/completions", json={
         "model": SMOLLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     job = done.json()["id"].removeprefix("chatcmpl-")
-    assert 0 < rds.ttl(f"ferry:stream:{job}") <= 300  # FERRY_STREAM_TTL_S, set at the end
+    assert 0 < rds.ttl(keys.stream(job)) <= 300  # FERRY_STREAM_TTL_S, set at the end
     queued = http.post("/v1/chat/completions", headers={"Prefer": "respond-async"}, json={
         "model": SMOLLM, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     job = queued.json()["id"].removeprefix("chatcmpl-")
@@ -259,7 +242,7 @@ def test_streams_expire_after_the_job(http: httpx.Client, rds: redis.Redis) -> N
     while http.get(f"/v1/chat/completions/{queued.json()['id']}").json().get("status") in (
             "queued", "in_progress") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert rds.ttl(f"ferry:stream:{job}") > 3600  # an async result is kept FERRY_ASYNC_TTL_S
+    assert rds.ttl(keys.stream(job)) > 3600  # an async result is kept FERRY_ASYNC_TTL_S
 
 
 def test_how_long_ago_arq_took_a_job(redis_url: str) -> None:

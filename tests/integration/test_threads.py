@@ -10,9 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import SMOLLM
-from tests.test_bad_input import error_of
-from tests.test_queue import sse_events
+from shared import keys
+from tests.helpers import SMOLLM, error_of, sse_events
 
 
 def make_thread(http: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def test_thread_crud_deletes_its_messages(http: httpx.Client, rds: Any) -> None:
         "id": tid, "object": "thread.deleted", "deleted": True}
     error_of(http.get(f"/v1/threads/{tid}"), 404)
     error_of(http.get(f"/v1/threads/{tid}/messages"), 404)
-    assert not rds.exists(f"ferry:thread:{tid}:messages", f"ferry:thread:{tid}:order")
+    assert not rds.exists(keys.thread_messages(tid), keys.thread_order(tid))
 
 
 def test_message_pagination_edges(http: httpx.Client) -> None:

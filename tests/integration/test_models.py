@@ -16,10 +16,8 @@ import orjson
 import pytest
 
 from ferry.redis_server import free_port
-from tests.conftest import ROOT, Proc, moto_s3, smollm_path, start_worker
 from tests.fileserver import FileServer
-from tests.test_bad_input import error_of
-from tests.test_queue import sse_events
+from tests.helpers import ROOT, Proc, error_of, moto_s3, smollm_path, sse_events, start_worker
 
 
 @pytest.fixture

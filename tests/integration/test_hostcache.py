@@ -18,7 +18,7 @@ import pytest
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final
-from tests.conftest import smollm_path
+from tests.helpers import smollm_path
 from workers.engine.prefix_cache import common_prefix
 from workers.engine.scheduler import Choice, Group, Run, Scheduler
 from workers.engine.textstream import TextStream

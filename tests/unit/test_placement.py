@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import InsufficientMemory, NoWorker, Unavailable
-from shared.fleet.liveness import Loaded, WorkerInfo
+from shared.fleet.liveness import ModelUsage, WorkerInfo
 from shared.fleet.placement import choose
 
 GB = 2**30
@@ -14,7 +14,7 @@ GB = 2**30
 def worker(wid: str, capacity: int, *models: tuple[str, int, float, int], max_models: int = 3
            ) -> WorkerInfo:
     return WorkerInfo(id=wid, pid=1, device="cpu", capacity=capacity, max_models=max_models,
-                      models=[Loaded(id=m, need=n, last_used=t, jobs_in_flight=j)
+                      models=[ModelUsage(id=m, need=n, last_used=t, jobs_in_flight=j)
                               for m, n, t, j in models])
 
 

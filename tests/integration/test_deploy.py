@@ -30,9 +30,9 @@ import yaml
 import shared.redis
 from ferry.cli import parser
 from shared.settings import Settings
-from tests.conftest import SMOLLM
+from tests.helpers import DATA, SMOLLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 OVERLAYS = sorted(p for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests promise to fit
@@ -40,7 +40,7 @@ NAMESPACE = "ferry"
 # Created by hand, never committed (infra/k8s/README.md): referenced, not rendered.
 EXTERNAL_SECRETS = {"ferry-auth", "ferry-s3"}
 # KEDA's ScaledObject schema (kubernetes-validate knows no CRDs); provenance in its "$comment".
-KEDA_SCHEMA = json.loads((Path(__file__).parent / "data/keda/scaledobject-v1alpha1.json").read_text())
+KEDA_SCHEMA = json.loads((DATA / "keda/scaledobject-v1alpha1.json").read_text())
 # The CRD types trigger metadata as any string map; the prometheus scaler's keys, from KEDA v2.20.2
 # pkg/scalers/prometheus_scaler.go (prometheusMetadata) and pkg/scalers/authentication (Config).
 PROMETHEUS_TRIGGER_KEYS = {

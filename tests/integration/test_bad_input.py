@@ -5,18 +5,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import SMOLLM
+from tests.helpers import SMOLLM, error_of
 
 MSG = [{"role": "user", "content": "hi"}]
 
 
-def error_of(r: httpx.Response, status: int) -> dict[str, object]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    return body["error"]
 
 
 def test_invalid_json(http: httpx.Client) -> None:

@@ -25,9 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from shared import keys
-from tests.conftest import ROOT, SMOLLM, start_web, start_worker
+from tests.helpers import ROOT, SMOLLM, error_of, start_web, start_worker
 from tests.oidc_provider import OIDCProvider
-from tests.test_bad_input import error_of
 
 SECRET = "test-secret-" + "x" * 40
 OIDC_CLIENT, OIDC_SECRET = "ferry-test-client", "oidc-client-secret-" + "z" * 20

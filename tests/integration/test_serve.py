@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from ferry.redis_server import free_port
-from tests.conftest import ROOT, SMOLLM
+from tests.helpers import ROOT, SMOLLM
 
 
 def children_of(pid: int) -> list[int]:

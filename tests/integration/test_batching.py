@@ -19,8 +19,8 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import smollm_path, start_web, start_worker
-from tests.test_queue import sse_events
+from shared import keys
+from tests.helpers import smollm_path, sse_events, start_web, start_worker
 
 MODEL = "batched"
 N_BATCH = 32
@@ -237,7 +237,7 @@ def test_queue_limit_is_exact_under_a_burst(url: str, rds: redis.Redis) -> None:
     """Limit 8 (the worker's 8 sequences hold 8 jobs in the queue while they run): of 24 long
     streams sent at once, exactly 8 are admitted, however they race."""
     deadline = time.monotonic() + 30
-    while rds.zcard(f"ferry:queue:{MODEL}"):  # earlier tests' jobs have left
+    while rds.zcard(keys.queue(MODEL)):  # earlier tests' jobs have left
         assert time.monotonic() < deadline
         time.sleep(0.05)
     opened = threading.Barrier(24)
@@ -252,7 +252,7 @@ def test_queue_limit_is_exact_under_a_burst(url: str, rds: redis.Redis) -> None:
     assert sorted(codes).count(200) == 8 and codes.count(429) == 16, codes
     # The dropped streams stop once the resume grace (1 s here) has passed: the queue empties.
     deadline = time.monotonic() + 30
-    while rds.zcard(f"ferry:queue:{MODEL}"):
+    while rds.zcard(keys.queue(MODEL)):
         assert time.monotonic() < deadline
         time.sleep(0.05)
 

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from tests.conftest import SMOLLM
+from tests.helpers import SMOLLM
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 

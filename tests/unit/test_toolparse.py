@@ -7,16 +7,16 @@ chat template; the templates in tests/data/templates are those models' own.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from tests.helpers import DATA
 from workers.chat import tool_parse, tool_prompt
 from workers.chat.tool_parse import ToolStream
 
-TEMPLATES = Path(__file__).parent / "data" / "templates"
+TEMPLATES = DATA / "templates"
 
 
 def stream(fmt: tool_parse.Format, text: str, step: int = 3, parallel: bool = True
@@ -147,7 +147,7 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
     from llama_cpp._internals import LlamaModel
 
     from shared.jobs import Tools
-    from tests.conftest import smollm_path
+    from tests.helpers import smollm_path
     from workers.engine import sampling
 
     params = llama_cpp.llama_model_default_params()

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import SMOLLM, own_model, start_web, start_worker
-from tests.test_queue import sse_events, stream_text
+from shared import keys
+from tests.helpers import SMOLLM, own_model, sse_events, start_web, start_worker, stream_text
 
 
 def chat(model: str, max_tokens: int, stream: bool = True) -> dict[str, object]:
@@ -34,7 +34,7 @@ def ended_whole(datas: list[str], tokens: int) -> None:
 
 def registered(rds: redis.Redis, pid: int) -> bool:
     return any(b and orjson.loads(b)["pid"] == pid
-               for b in (rds.get(k) for k in rds.scan_iter("ferry:worker:*")))
+               for b in (rds.get(k) for k in rds.scan_iter(keys.worker("*"))))
 
 
 def test_worker_finishes_jobs_in_flight_then_exits(
@@ -69,7 +69,7 @@ def test_worker_finishes_jobs_in_flight_then_exits(
         for datas in results.values():
             ended_whole(datas, 24)
         assert not registered(rds, worker.p.pid)
-        assert not rds.zcard("ferry:queue:drained")  # nothing left behind in the queue
+        assert not rds.zcard(keys.queue("drained"))  # nothing left behind in the queue
         assert "draining: 3 jobs in flight" in worker.log.read_text()
 
         # Nothing serves the model now: a new request is refused, never run on the old worker.
@@ -100,7 +100,7 @@ def test_worker_ends_jobs_past_the_drain_deadline(
             first = next(events)[1]
             plain.start()
             deadline = time.monotonic() + 10
-            while rds.zcard("ferry:queue:deadline") < 2 and time.monotonic() < deadline:
+            while rds.zcard(keys.queue("deadline")) < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             worker.p.terminate()
             stopped_at = time.monotonic()
@@ -116,7 +116,7 @@ def test_worker_ends_jobs_past_the_drain_deadline(
         assert lost["r"].headers.get("Retry-After")
         assert worker.p.wait(timeout=30) == 0
         assert not registered(rds, worker.p.pid)
-        assert not rds.zcard("ferry:queue:deadline")  # ended, not put back to run again
+        assert not rds.zcard(keys.queue("deadline"))  # ended, not put back to run again
     finally:
         worker.stop()
 

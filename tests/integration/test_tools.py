@@ -19,8 +19,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from tests.conftest import SMOLLM, Proc, start_worker
-from tests.test_bad_input import error_of
+from tests.helpers import SMOLLM, Proc, error_of, start_worker
 
 GEMMA = "gemma3-270m-it"
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]

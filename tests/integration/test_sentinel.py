@@ -16,7 +16,7 @@ import redis
 
 from ferry.redis_server import free_port, server_binary
 from shared.redis import sentinels
-from tests.conftest import own_model, start_web, start_worker
+from tests.helpers import own_model, start_web, start_worker
 
 MASTER = "mymaster"
 

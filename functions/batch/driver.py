@@ -1,0 +1,323 @@
+"""Drives one batch through its states: validating -> in_progress -> finalizing (or cancelling,
+or expired) -> ended, each line an ordinary job on its model's queue, behind interactive requests.
+
+The batch's state is in Redis, so a driver that dies leaves it for the next to go on from: the
+validated lines, how many went to the queue, the job of each line still running, and each
+finished line's result. Results are keyed by line, so a line run twice after a crash still
+appears once, and a line whose job was lost (its worker died, or it never reached the queue) runs
+again under a new job id.
+
+A model's batch lines in the queue are bounded (`window`): a running batch leaves
+``FERRY_BATCH_RESERVE`` sequences of every worker to interactive requests, and the rest of them
+queue ahead of its lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from functions.batch.file_store import file_store
+from functions.batch.results import result_line, totals
+from functions.batch.validate import MAX_ERRORS, first_of_each_model, line_error, read_lines
+from functions.context import FerryState
+from functions.http.body import invalid
+from functions.openai.protocol import ChatCompletionRequest, CompletionRequest
+from functions.openai.render import Renderer
+from functions.queue.handle import JobState, job_lost, job_state, request_cancel, withdraw
+from functions.queue.reader import has_ended, read_all
+from functions.queue.submit import JobMeta, submit
+from shared import keys
+from shared.errors import FerryError, InvalidRequest
+from shared.fleet import liveness
+from shared.jobs import Delta, Error, Final
+from shared.registry import models
+from shared.storage import store
+from shared.storage.objects import Batch, BatchCounts, FileObject
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 10
+TICK_S = 0.05  # a line that ends waits at most this long for the next to go in
+
+
+class BatchDriver:
+    """Moves one batch forward, a tick at a time, while it holds the batch's lease."""
+
+    def __init__(self, st: FerryState, batch_id: str, runner_id: str) -> None:
+        self.st = st
+        self.redis = st.redis
+        self.id = batch_id
+        self.runner_id = runner_id
+
+    def key(self, part: str) -> str:
+        return keys.batch(self.id, part)
+
+    async def run(self) -> None:
+        while await self._renew():
+            raw = await self.redis.get(keys.obj("batch", self.id))
+            if raw is None:
+                await self.redis.srem(keys.BATCHES, self.id)
+                return
+            batch = Batch.model_validate_json(raw)
+            if batch.status in ("completed", "failed", "expired", "cancelled"):
+                await self._forget()
+                return
+            if batch.status == "validating":
+                await self._validate(batch)
+            elif batch.status == "cancelling":
+                if await self._stop():
+                    await self._finalize(batch, "cancelled")
+            elif batch.expires_at is not None and time.time() >= batch.expires_at:
+                await self._stop()
+                await self._finalize(batch, "expired")
+            elif batch.status == "finalizing":
+                await self._finalize(batch, "completed")
+            else:
+                await self._collect(batch)
+                if await self._submit(batch):
+                    await self._update({"in_progress"}, status="finalizing",
+                                       finalizing_at=int(time.time()))
+            await asyncio.sleep(TICK_S)
+
+    async def _renew(self) -> bool:
+        lease = self.key("lease")
+        if await self.redis.get(lease) != self.runner_id.encode():
+            return False
+        await self.redis.expire(lease, LEASE_S)
+        return True
+
+    async def _update(self, when: set[str] | None = None, **changes: Any) -> Batch | None:
+        return await store.update(self.redis, Batch, self.id, when, **changes)
+
+    # Validation: the whole file, before anything runs
+
+    async def _validate(self, batch: Batch) -> None:
+        settings = self.st.settings
+        try:
+            found = await asyncio.to_thread(
+                read_lines, file_store(settings).chunks(batch.input_file_id), batch.endpoint,
+                settings.batch_max_lines)
+        except Exception as e:  # gone from the store, or the store unreachable
+            found = [], [line_error("file_unreadable", None, f"The input file cannot be read: {e}")]
+        entries, errors = found
+        for model, line in first_of_each_model(entries):
+            try:
+                await models.get_or_bundled(self.redis, model or settings.default_model,
+                                            settings.models_path)
+            except FerryError:
+                errors.append(line_error("model_not_found", line, f"No model '{model}'",
+                                         "body.model"))
+        if not entries and not errors:
+            errors.append(line_error("empty_file", None, "The input file has no requests"))
+        if errors:
+            await self._update({"validating"}, status="failed", failed_at=int(time.time()),
+                               errors={"object": "list", "data": errors[:MAX_ERRORS]})
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key("input"), self.key("next"), self.key("running"),
+                        self.key("results"))
+            for k in range(0, len(entries), 1000):
+                pipe.hset(self.key("input"), mapping={
+                    str(k + j): orjson.dumps(e).decode() for j, e in enumerate(entries[k:k + 1000])})
+            await pipe.execute()
+        now = int(time.time())
+        await self._update({"validating"}, status="in_progress", in_progress_at=now,
+                           expires_at=batch.created_at + int(settings.batch_window_s),
+                           request_counts=BatchCounts(total=len(entries)))
+
+    # Running: hand lines to the queue, collect what finished
+
+    async def _submit(self, batch: Batch) -> bool:
+        """Queue lines while the models' windows allow; True when every line has a result."""
+        total = batch.request_counts.total
+        sent = int(await self.redis.get(self.key("next")) or 0)
+        while sent < total:
+            entry = orjson.loads(await self.redis.hget(self.key("input"), str(sent)))
+            model = (entry["body"].get("model") or self.st.settings.default_model)
+            if await self.redis.scard(keys.batch_lines(model)) >= await self._window(model):
+                break
+            await self._start(batch, sent, entry, attempt=0)
+            sent += 1
+        return sent >= total and not await self.redis.hlen(self.key("running"))
+
+    async def _window(self, model: str) -> int:
+        per_worker = max(1, self.st.settings.parallel - self.st.settings.batch_reserve)
+        return max(1, len(await liveness.live_workers(self.redis, model)) * per_worker)
+
+    async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:
+        """Record the line as running, then queue its job (a crash in between leaves a running
+        line with no job, which `_collect` finds lost and queues again)."""
+        request_model = ChatCompletionRequest if batch.endpoint.endswith("/chat/completions") \
+            else CompletionRequest
+        try:
+            request = request_model.model_validate(entry["body"])
+            record = await models.get_or_bundled(
+                self.redis, request.model or self.st.settings.default_model,
+                self.st.settings.models_path)
+            job = request.to_job(record.id)
+        except (ValidationError, FerryError) as e:
+            error = invalid(e) if isinstance(e, ValidationError) else e
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.key("results"), str(line), result_line(entry, error.status,
+                                                                      error.to_dict(), ok=False))
+                pipe.hdel(self.key("running"), str(line))
+                if attempt == 0:
+                    pipe.set(self.key("next"), line + 1)
+                await pipe.execute()
+            await self._count(failed=1)
+            return
+        job.id = f"{self.id}-{line}-{attempt}"
+        meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=int(time.time()),
+                       choices=job.choice_count)
+        running = {**meta.model_dump(), "attempt": attempt}  # what _finish renders with
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("running"), str(line), orjson.dumps(running).decode())
+            pipe.sadd(keys.batch_lines(record.id), job.id)
+            if attempt == 0:
+                pipe.set(self.key("next"), line + 1)
+            await pipe.execute()
+        try:
+            await submit(self.redis, job, meta, self.st.settings, background=True)
+        except FerryError as e:  # queue full, no worker yet: it goes again from `_collect`
+            log.info("batch %s line %d not queued yet: %s", self.id, line, e.message)
+
+    async def _collect(self, batch: Batch) -> None:
+        for line_b, raw in (await self.redis.hgetall(self.key("running"))).items():
+            line, running = int(line_b), orjson.loads(raw)
+            if await has_ended(self.redis, running["id"]):
+                await self._finish(line, running)
+            # Lost: its worker died under it (even before recording itself as the owner), or it
+            # is not queued (it never got there, or arq dropped it as orphaned): it never ends.
+            elif await job_lost(self.redis, running["id"], self.st.settings,
+                                model=running["model"]):
+                log.warning("batch %s: job %s was lost; running line %d again", self.id,
+                            running["id"], line)
+                await withdraw(self.redis, running["id"], running["model"], self.st.settings)
+                await self.redis.srem(keys.batch_lines(running["model"]), running["id"])
+                entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
+                await self._start(batch, line, entry, running["attempt"] + 1)
+
+    async def _finish(self, line: int, running: dict[str, Any]) -> None:
+        meta = JobMeta.model_validate(running)
+        messages = await read_all(self.redis, meta.id)
+        end = messages[-1]
+        entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
+        if isinstance(end, Final):
+            body = Renderer(meta).response([m for m in messages if isinstance(m, Delta)],
+                                           end.usage, meta.choices)
+            result, ok = result_line(entry, 200, body, ok=True), True
+        else:
+            assert isinstance(end, Error)
+            error = end.exception()
+            result, ok = result_line(entry, end.status, error.to_dict(), ok=False), False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("results"), str(line), result)
+            pipe.hdel(self.key("running"), str(line))
+            pipe.srem(keys.batch_lines(meta.model), meta.id)
+            placed = await pipe.execute()
+        if placed[0]:  # a new result, not one written again after a crash
+            usage = end.usage if isinstance(end, Final) else None
+            await self._count(completed=int(ok), failed=int(not ok), usage=usage)
+
+    async def _count(self, completed: int = 0, failed: int = 0, usage: Any = None) -> None:
+        raw = await self.redis.get(keys.obj("batch", self.id))
+        if raw is None:
+            return
+        batch = Batch.model_validate_json(raw)
+        counts = batch.request_counts.model_copy(update={
+            "completed": batch.request_counts.completed + completed,
+            "failed": batch.request_counts.failed + failed})
+        usage_totals = dict(batch.usage)
+        if usage is not None:
+            usage_totals["input_tokens"] += usage.prompt_tokens
+            usage_totals["output_tokens"] += usage.completion_tokens
+            usage_totals["total_tokens"] += usage.total_tokens
+            usage_totals["input_tokens_details"] = {
+                "cached_tokens": usage_totals["input_tokens_details"]["cached_tokens"]
+                + usage.cached_tokens}
+        await self._update(None, request_counts=counts, usage=usage_totals)
+
+    # Ending: cancel, expiry, results
+
+    async def _stop(self) -> bool:
+        """Queued lines leave the queue now; running ones are asked to stop. True once none
+        is left running."""
+        settings = self.st.settings
+        for line_b, raw in (await self.redis.hgetall(self.key("running"))).items():
+            running = orjson.loads(raw)
+            job, model = running["id"], running["model"]
+            if await has_ended(self.redis, job):
+                await self._finish(int(line_b), running)  # it ended in time: keep it
+            elif await job_state(self.redis, job, settings, model) is JobState.RUNNING:
+                # Running: it stops at its next token, and is collected once it has.
+                await request_cancel(self.redis, job, settings)
+            else:
+                await withdraw(self.redis, job, model, settings)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hdel(self.key("running"), line_b)
+                    pipe.srem(keys.batch_lines(model), job)
+                    await pipe.execute()
+        return not await self.redis.hlen(self.key("running"))
+
+    async def _finalize(self, batch: Batch, status: str) -> None:
+        """Write the output and error files (lines in input order), then end the batch. The
+        counts and usage are taken again from the results: a runner killed between storing a
+        line's result and counting it leaves the running totals one short."""
+        results = {int(k): orjson.loads(v)
+                   for k, v in (await self.redis.hgetall(self.key("results"))).items()}
+        counts, usage = totals(batch, results.values())
+        if status == "expired":
+            for line in range(batch.request_counts.total):
+                if line not in results:
+                    entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
+                    error = InvalidRequest("The batch expired before this request ran",
+                                           code="batch_expired")
+                    results[line] = orjson.loads(result_line(entry, 400, error.to_dict(),
+                                                             ok=False))
+        outputs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for line in sorted(results):
+            (outputs if results[line].pop("ok") else errors).append(results[line])
+        output_id = await self._write(batch, "output", outputs)
+        error_id = await self._write(batch, "error", errors)
+        now = int(time.time())
+        stamp = {"completed": "completed_at", "expired": "expired_at",
+                 "cancelled": "cancelled_at"}[status]
+        await self._update(None, status=status, output_file_id=output_id,
+                           error_file_id=error_id, request_counts=counts, usage=usage,
+                           **{stamp: now})
+        await self._forget()
+
+    async def _write(self, batch: Batch, kind: str, results: list[dict[str, Any]]) -> str | None:
+        if not results:
+            return None
+        file_id = f"file-{self.id.removeprefix('batch_')}-{kind}"  # the same if written again
+
+        def write() -> int:
+            with tempfile.TemporaryFile() as f:
+                for r in results:
+                    f.write(orjson.dumps(r) + b"\n")
+                f.seek(0)
+                return file_store(self.st.settings).put(file_id, f)
+
+        size = await asyncio.to_thread(write)
+        await store.create(self.redis, FileObject(
+            id=file_id, owner=batch.owner, bytes=size, filename=f"{batch.id}_{kind}.jsonl",
+            purpose="batch_output"))
+        return file_id
+
+    async def _forget(self) -> None:
+        running = [orjson.loads(r) for r in await self.redis.hvals(self.key("running"))]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for r in running:  # still running when the batch expired: its place is free again
+                pipe.srem(keys.batch_lines(r["model"]), r["id"])
+            pipe.delete(*(self.key(p) for p in ("input", "next", "running", "results", "lease")))
+            pipe.srem(keys.BATCHES, self.id)
+            await pipe.execute()

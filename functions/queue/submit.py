@@ -1,0 +1,89 @@
+"""The handler's side of the queue: put a job on its model's queue.
+
+A job is arq's: its payload under arq's job key and its id in the model's queue (a sorted set),
+so arq workers take it as their own. The handler writes it with one script that refuses it when
+the queue is full, records what a reader needs to render it (`JobMeta`) and wakes an idle worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
+from pydantic import BaseModel
+
+from shared import keys, telemetry
+from shared.errors import NoWorker, QueueFull
+from shared.fleet import control, liveness
+from shared.jobs import AHEAD_MS, GenerationJob
+from shared.redis import serialize
+from shared.settings import Settings
+
+GENERATE = "generate"  # the worker's job function
+
+
+class JobMeta(BaseModel):
+    """What a reader needs to render a job's stream, kept beside the stream for resumes."""
+
+    id: str
+    kind: str
+    model: str
+    created: int
+    include_usage: bool = False
+    choices: int = 1  # how many choices the answer has
+    detached: bool = False  # an async request: no reader leaving ever cancels it
+
+
+# arq's `enqueue_job` (its job key, payload and queue score), but only while the queue holds
+# fewer than the limit: checking the depth and enqueueing are one step, so a burst cannot overfill.
+ADMIT = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('PSETEX', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+return 1
+"""
+
+
+async def submit(redis: ArqRedis, job: GenerationJob, meta: JobMeta, settings: Settings,
+                 background: bool = False) -> None:
+    """Enqueue `job` on its model's queue, or fail fast with 429 / 503. A `background` job (a
+    batch line) waits behind every interactive one: arq takes the lowest score first, and an
+    interactive job's score is its time less `AHEAD_MS`."""
+    await wait_for_worker(redis, job.model, settings)
+    now = timestamp_ms()
+    score = now if background else now - AHEAD_MS
+    payload = serialize_job(GENERATE, (), {"job": job.model_dump(mode="json")}, None, now,
+                            serializer=serialize)
+    admitted = await redis.register_script(ADMIT)(
+        keys=[keys.queue(job.model), job_key_prefix + job.id],
+        args=[settings.queue_limit, redis.expires_extra_ms, payload, score, job.id])
+    if not admitted:
+        raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(
+            keys.job_meta(job.id), meta.model_dump_json(),
+            ex=int(settings.job_timeout_s + (job.keep_s or settings.stream_ttl_s)),
+        )
+        # Wake an idle worker now rather than at its next poll.
+        pipe.rpush(keys.wake(job.model), job.id)
+        pipe.ltrim(keys.wake(job.model), -64, -1)
+        pipe.expire(keys.wake(job.model), 60)
+        await pipe.execute()
+
+
+async def wait_for_worker(redis: ArqRedis, model: str, settings: Settings) -> None:
+    """Return once a worker holds `model`: starting it on one when allowed (``auto_start``),
+    else waiting up to ``worker_wait_s`` for one (a worker restarting, say)."""
+    deadline = time.monotonic() + settings.worker_wait_s
+    while not await liveness.live_workers(redis, model):
+        if settings.auto_start and await liveness.all_workers(redis):
+            await control.start(redis, settings, model)
+            return
+        if time.monotonic() >= deadline:
+            await telemetry.count_no_worker(redis, model)  # a pool scaled to zero sees demand
+            raise NoWorker(f"No worker is serving model '{model}' right now; retry shortly")
+        await asyncio.sleep(0.1)
