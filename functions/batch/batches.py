@@ -1,5 +1,5 @@
 """`/batches`: OpenAI's Batch API. The handlers only record and read batches; every web process's
-`BatchRunner` (functions/batch_runner.py) validates and runs them through the models' queues."""
+`BatchRunner` (functions/batch/runner.py) validates and runs them through the models' queues."""
 
 from __future__ import annotations
 

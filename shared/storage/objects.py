@@ -188,7 +188,7 @@ class BatchCounts(BaseModel):
 
 
 class Batch(Stored):
-    """OpenAI's batch object; its lines run as ordinary jobs (`functions.batch_runner`)."""
+    """OpenAI's batch object; its lines run as ordinary jobs (`functions.batch.driver`)."""
 
     object: Literal["batch"] = "batch"
     endpoint: str

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import redis
 
-from functions.queue.reader import TAKE_GRACE_S, taken_s_ago
+from functions.queue.handle import TAKE_GRACE_S, JobState, job_state, taken_s_ago
 from shared import keys
 from shared.redis import connect
 from shared.settings import Settings
@@ -271,3 +271,38 @@ def test_how_long_ago_arq_took_a_job(redis_url: str) -> None:
     assert never is None
     assert now is not None and now < TAKE_GRACE_S
     assert aged is not None and TAKE_GRACE_S < aged < TAKE_GRACE_S + 6
+
+
+def test_where_a_job_is_is_answered_in_one_place(redis_url: str) -> None:
+    """`job_state`, which the stream reader, the batch driver and runs all ask: queued, taken a
+    moment ago, running on a live worker, or lost (owner dead, taken long ago and never owned,
+    or, for a caller that names the model, gone from the queue)."""
+    settings = Settings(job_timeout_s=600)
+    marker_ms = int((settings.job_timeout_s + 10) * 1000)
+
+    async def go() -> list[JobState]:
+        redis = await connect(redis_url)
+        job, model, owner = f"where-{time.time_ns()}", f"m-{time.time_ns()}", f"w-{time.time_ns()}"
+        try:
+            await redis.zadd(keys.queue(model), {job: 1})
+            seen = [await job_state(redis, job, settings, model)]  # queued
+            await redis.zrem(keys.queue(model), job)
+            seen += [await job_state(redis, job, settings),  # not in a queue nobody named
+                     await job_state(redis, job, settings, model)]  # dropped from its queue
+            await redis.psetex(keys.arq_in_progress(job), marker_ms, b"1")
+            seen.append(await job_state(redis, job, settings, model))  # taken just now
+            await redis.psetex(keys.arq_in_progress(job), marker_ms - int((TAKE_GRACE_S + 5) * 1000),
+                               b"1")
+            seen.append(await job_state(redis, job, settings))  # taken long ago, never owned
+            await redis.set(keys.job_worker(job), owner)
+            seen.append(await job_state(redis, job, settings))  # owned by a dead worker
+            await redis.set(keys.worker(owner), b"{}", ex=30)
+            seen.append(await job_state(redis, job, settings))  # owned by a live one
+            return seen
+        finally:
+            await redis.delete(keys.arq_in_progress(job), keys.job_worker(job), keys.worker(owner),
+                               keys.queue(model))
+            await redis.aclose()
+
+    assert asyncio.run(go()) == [JobState.QUEUED, JobState.QUEUED, JobState.LOST, JobState.TAKEN,
+                                 JobState.LOST, JobState.LOST, JobState.RUNNING]
