@@ -1,8 +1,9 @@
 """One loaded model inside a worker process: its engine, and an arq worker consuming its queue.
 
-A worker process holds several slots; each consumes only its own model's queue, so a job runs
-only where its model is loaded. Closing a slot stops it taking jobs, lets the ones in flight
-finish, then frees the model; a worker that must stop sooner ends them first (`end_jobs`).
+A worker process holds one `ModelConsumer` per loaded model; each consumes only its own model's
+queue, so a job runs only where its model is loaded. Closing one stops it taking jobs, lets the
+ones in flight finish, then frees the model; a worker that must stop sooner ends them first
+(`end_jobs`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from arq.worker import func
 from shared import keys
 from shared.jobs import AHEAD_MS
 from shared.redis import deserialize, redis_settings, serialize
-from workers.loaded_model import WorkerState
+from workers.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -72,61 +73,63 @@ class FerryWorker(Worker):
             await asyncio.wait_for(self._job_done.wait(), WAKE_WAIT_S)
 
 
-class Slot:
-    def __init__(self, state: WorkerState, redis_url: str) -> None:
-        self.state = state
+class ModelConsumer:
+    """One loaded model's arq consumer: takes its queue's jobs, and stops, revives or ends them."""
+
+    def __init__(self, loaded: LoadedModel, redis_url: str) -> None:
+        self.loaded = loaded
         self.redis_url = redis_url
         self._consume()
 
     def _consume(self) -> None:
         from workers.generate import generate
 
-        state = self.state
-        model = state.engine.record.id
-        self.consumer = FerryWorker(
+        loaded = self.loaded
+        model = loaded.engine.record.id
+        self.worker = FerryWorker(
             wake_key=keys.wake(model),
             functions=[func(generate, name="generate", max_tries=1)],
             queue_name=keys.queue(model),
             redis_settings=redis_settings(self.redis_url),
-            ctx={"ferry": state},
-            max_jobs=state.settings.parallel,  # the scheduler batches them; more wait in Redis
-            job_timeout=state.settings.job_timeout_s,
+            ctx={"ferry": loaded},
+            max_jobs=loaded.settings.parallel,  # the scheduler batches them; more wait in Redis
+            job_timeout=loaded.settings.job_timeout_s,
             keep_result=60,
             job_serializer=serialize,
             job_deserializer=deserialize,
-            handle_signals=False,  # the worker process stops its slots itself
+            handle_signals=False,  # the worker process stops its consumers itself
         )
-        self.task = asyncio.create_task(self.consumer.async_run(), name=f"slot:{model}")
+        self.task = asyncio.create_task(self.worker.async_run(), name=f"consumer:{model}")
 
     def revive(self) -> None:
-        """Start a new consumer if the last one died (Redis went away, say); the model stays."""
+        """Start a new arq worker if the last one died (Redis went away, say); the model stays."""
         if self.task.done():
             error = None if self.task.cancelled() else self.task.exception()
-            log.warning("consumer of %s stopped (%r); starting another", self.state.usage.id, error)
+            log.warning("consumer of %s stopped (%r); starting another", self.loaded.usage.id, error)
             self._consume()
 
     def stop_taking(self) -> None:
-        self.consumer.allow_pick_jobs = False
+        self.worker.allow_pick_jobs = False
 
     @property
     def in_flight(self) -> int:
         """Jobs arq has taken from the queue and not finished."""
-        return self.consumer.job_counter
+        return self.worker.job_counter
 
     def end_jobs(self) -> None:
         """End every job in flight at the scheduler's next step with `worker_stopping`."""
-        self.state.stopping = True
-        for answer in list(self.state.answers):
-            answer.cancelled = True
+        self.loaded.stopping = True
+        for output in list(self.loaded.outputs):
+            output.cancelled = True
 
     async def close(self) -> None:
         """Stop taking jobs, wait for those in flight (up to the job timeout), free the model."""
         self.stop_taking()
-        deadline = asyncio.get_running_loop().time() + self.state.settings.job_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.loaded.settings.job_timeout_s
         while self.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         with contextlib.suppress(asyncio.CancelledError):
-            await self.consumer.close()
+            await self.worker.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        await asyncio.to_thread(self.state.engine.close)
+        await asyncio.to_thread(self.loaded.engine.close)

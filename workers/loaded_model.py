@@ -6,19 +6,21 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from shared.fleet.liveness import Loaded
+from shared.fleet.liveness import ModelUsage
 from shared.settings import Settings
 from workers.engine.engine import Engine
-from workers.publish import Answer, Publisher
+from workers.publish import JobOutput, Publisher
 
 
 @dataclass
-class WorkerState:
+class LoadedModel:
+    """One model loaded in this worker process, as its jobs see it (arq's `ctx["ferry"]`)."""
+
     settings: Settings
     redis: Redis
     engine: Engine
     publisher: Publisher  # writes every job's stream, off the scheduler thread
     worker_id: str
-    usage: Loaded  # this model's entry in the worker's heartbeat: jobs in flight, last use
-    answers: set[Answer] = field(default_factory=set)  # the jobs in flight, for a drain to end
+    usage: ModelUsage  # this model's entry in the worker's heartbeat: jobs in flight, last use
+    outputs: set[JobOutput] = field(default_factory=set)  # the jobs in flight, for a drain to end
     stopping: bool = False  # past the drain deadline: every job ends with `worker_stopping`

@@ -2,9 +2,10 @@
 
 It registers with a heartbeat, loads the models it was started with, then takes commands from
 its control list (``keys.control``): load a model (unloading the ones a handler chose to evict)
-or unload one. Each loaded model is a `Slot` consuming that model's queue. With ``keep_alive_s``
-set, a model left idle that long is unloaded on its own. SIGTERM (or Ctrl-C) drains it: no new
-jobs, the ones in flight finish within ``drain_s``, then it unregisters and exits 0.
+or unload one. Each loaded model has a `ModelConsumer` taking that model's queue. With
+``keep_alive_s`` set, a model left idle that long is unloaded on its own. SIGTERM (or Ctrl-C)
+drains it: no new jobs, the ones in flight finish within ``drain_s``, then it unregisters and
+exits 0.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import redis
 from arq.connections import ArqRedis
 
 from shared import keys
-from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable
+from shared.errors import FerryError, InsufficientMemory, NotFound, Unavailable, WireError
 from shared.fleet import liveness
-from shared.fleet.control import Answer, Command
-from shared.fleet.liveness import Loaded, WorkerInfo
+from shared.fleet.control import Command, CommandResult
+from shared.fleet.liveness import ModelUsage, WorkerInfo
 from shared.redis import client, connect
 from shared.registry import models
 from shared.registry.models import ModelRecord
@@ -37,7 +38,7 @@ from shared.settings import Settings
 from workers.publish import Publisher
 
 if TYPE_CHECKING:
-    from workers.consumer import Slot
+    from workers.consumer import ModelConsumer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class WorkerProcess:
             capacity=settings.worker_memory or _device_memory(gpu, cpu),
             max_models=settings.max_loaded_models,
         )
-        self.slots: dict[str, Slot] = {}
+        self.consumers: dict[str, ModelConsumer] = {}
 
     def run(self, preload: list[str]) -> None:
         asyncio.run(self._main(preload))
@@ -95,29 +96,29 @@ class WorkerProcess:
 
     async def load(self, spec: str, evict: Sequence[str] = ()) -> str:
         """Load a model (an id, or a path for the command line); returns its id."""
-        from workers.consumer import Slot
+        from workers.consumer import ModelConsumer
         from workers.engine.engine import Engine
-        from workers.loaded_model import WorkerState
+        from workers.loaded_model import LoadedModel
 
         for model in evict:
             await self.unload(model)
         record = await self._resolve(spec)
-        if record.id in self.slots:
+        if record.id in self.consumers:
             return record.id
         need = models.need_bytes(record, self.settings.ctx_len, self.settings.n_batch,
                                  self.settings.parallel)
         if need > self.info.capacity:
             raise InsufficientMemory(f"Model '{record.id}' needs about {need >> 20} MiB; this "
                                      f"worker has {self.info.capacity >> 20} MiB")
-        if len(self.slots) >= self.info.max_models or self.info.used + need > self.info.capacity:
+        if len(self.consumers) >= self.info.max_models or self.info.used + need > self.info.capacity:
             raise Unavailable(f"No room for '{record.id}' on worker {self.info.id}",
                               code="workers_busy")
         log.info("loading %s from %s", record.id, record.path)
         engine = await asyncio.to_thread(Engine.load, record, self.settings, not self.cpu,
                                          self.gpu is not None, self.publisher.post)
         record.ctx_len = engine.n_ctx
-        usage = Loaded(id=record.id, need=need, last_used=time.time())
-        self.slots[record.id] = Slot(WorkerState(
+        usage = ModelUsage(id=record.id, need=need, last_used=time.time())
+        self.consumers[record.id] = ModelConsumer(LoadedModel(
             settings=self.settings, redis=self.redis, engine=engine,
             publisher=self.publisher, worker_id=self.info.id, usage=usage,
         ), self.url)
@@ -128,11 +129,11 @@ class WorkerProcess:
         return record.id
 
     async def unload(self, model: str) -> None:
-        slot = self.slots.pop(model, None)
-        if slot is None:
+        consumer = self.consumers.pop(model, None)
+        if consumer is None:
             return
         await liveness.drop(self.redis, self.info, model, self.settings.heartbeat_ttl_s)
-        await slot.close()
+        await consumer.close()
         log.info("unloaded %s", model)
 
     async def drain(self, hurry: asyncio.Event) -> None:
@@ -143,23 +144,23 @@ class WorkerProcess:
         its client hears `worker_stopping` and may send it again, to a worker still serving.
         """
         self.info.draining = True
-        slots = list(self.slots.values())
-        for slot in slots:
-            slot.stop_taking()
+        consumers = list(self.consumers.values())
+        for consumer in consumers:
+            consumer.stop_taking()
         with contextlib.suppress(redis.RedisError, OSError):  # Redis away: the jobs still end
-            for model in list(self.slots):  # handlers route new jobs to other workers at once
+            for model in list(self.consumers):  # handlers route new jobs to other workers at once
                 await liveness.drop(self.redis, self.info, model, self.settings.heartbeat_ttl_s)
-        if busy := sum(s.in_flight for s in slots):
+        if busy := sum(c.in_flight for c in consumers):
             log.info("draining: %d jobs in flight, waiting up to %.0fs", busy, self.settings.drain_s)
         deadline = time.monotonic() + self.settings.drain_s
-        while any(s.in_flight for s in slots) and time.monotonic() < deadline and not hurry.is_set():
+        while any(c.in_flight for c in consumers) and time.monotonic() < deadline and not hurry.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hurry.wait(), 0.05)
-        if left := sum(s.in_flight for s in slots):
+        if left := sum(c.in_flight for c in consumers):
             log.warning("ending %d jobs in flight with worker_stopping", left)
-            for slot in slots:
-                slot.end_jobs()
-        for model in list(self.slots):
+            for consumer in consumers:
+                consumer.end_jobs()
+        for model in list(self.consumers):
             await self.unload(model)
 
     async def _resolve(self, spec: str) -> ModelRecord:
@@ -176,7 +177,7 @@ class WorkerProcess:
         while True:
             try:
                 got = await self.redis.blpop([keys.control(self.info.id)], timeout=CONTROL_WAIT_S)
-            except (redis.RedisError, OSError):  # Redis restarting: the models keep their slots
+            except (redis.RedisError, OSError):  # Redis restarting: the models stay loaded
                 log.warning("control list unreachable; retrying", exc_info=True)
                 await asyncio.sleep(CONTROL_WAIT_S)
                 continue
@@ -184,8 +185,8 @@ class WorkerProcess:
                 await self._obey(Command.model_validate_json(got[1]))
             elif self.settings.keep_alive_s:
                 await self._unload_idle()
-            for slot in self.slots.values():
-                slot.revive()
+            for consumer in self.consumers.values():
+                consumer.revive()
 
     async def _obey(self, command: Command) -> None:
         try:
@@ -193,14 +194,16 @@ class WorkerProcess:
                 await self.load(command.model, command.evict)
             else:
                 await self.unload(command.model)
-            answer = Answer(ok=True)
+            result = CommandResult()
         except FerryError as e:
-            answer = Answer(ok=False, status=e.status, message=e.message, code=e.code)
+            e.param = e.param or "model"
+            result = CommandResult(error=WireError.of(e))
         except Exception as e:  # a model llama.cpp cannot load, say: tell the caller, keep serving
             log.exception("%s %s failed", command.op, command.model)
-            answer = Answer(ok=False, status=500, message=f"{command.op} failed: {e}")
+            result = CommandResult(error=WireError.of(FerryError(f"{command.op} failed: {e}",
+                                                                 param="model")))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(command.reply_to, answer.model_dump_json())
+            pipe.rpush(command.reply_to, result.model_dump_json())
             pipe.expire(command.reply_to, 60)
             await pipe.execute()
 

@@ -4,7 +4,7 @@ The scheduler thread never waits on Redis: it hands each step's messages to the 
 whose own thread writes everything that has piled up, for every job, in one pipeline that also
 reads every one of those jobs' cancel flags: at once for a job's first token or its end (time to
 first token, and a short request's latency), otherwise at most every `interval_s`
-(`FERRY_STREAM_INTERVAL_MS`). When the scheduler says a job is done, its `Answer` resolves once
+(`FERRY_STREAM_INTERVAL_MS`). When the scheduler says a job is done, its `JobOutput` resolves once
 the last of its messages is in Redis.
 """
 
@@ -21,16 +21,15 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.jobs import Delta, Error, Final, Logprobs, add_tool_call, encode, is_cancelled
+from shared.jobs import Delta, Final, Logprobs, StreamMessage, add_tool_call, encode, is_cancelled
 
 log = logging.getLogger(__name__)
 
-Message = Delta | Final | Error
 STEPS_PER_WRITE = 2  # decode steps a write of a stream's middle carries, at least
 MAX_STRETCH = 4  # ... unless that is longer than this many `interval_s`
 
 
-class Answer:
+class JobOutput:
     """One job's side of publishing: what went out, whether the client left, when it ended.
 
     Keeps choice 0's text and tool calls (a run stores them as the reply) and, with
@@ -58,9 +57,9 @@ class Answer:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def outgoing(self, messages: Sequence[Message]) -> list[Message]:
+    def outgoing(self, messages: Sequence[StreamMessage]) -> list[StreamMessage]:
         """Record `messages` and return those to publish."""
-        out: list[Message] = []
+        out: list[StreamMessage] = []
         for m in messages:
             if isinstance(m, Delta):
                 if self.first_token_at is None:
@@ -79,6 +78,10 @@ class Answer:
 
     def resolve(self) -> None:
         self._loop.call_soon_threadsafe(_set_done, self.done)
+
+
+# What the scheduler posts: one job's messages of a step, and whether the job has no more.
+Item = tuple[JobOutput, Sequence[StreamMessage], bool]
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -103,24 +106,24 @@ class Publisher:
         self.ttl_s = ttl_s
         self.interval_s = interval_s
         self.step_s = 0.0  # recent time between two posts of one job: about one decode step
-        self._queue: queue.SimpleQueue[tuple[Answer, Sequence[Message], bool] | None] = (
+        self._queue: queue.SimpleQueue[Item | None] = (
             queue.SimpleQueue())
         self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
         self._thread.start()
 
-    def post(self, answer: Answer, messages: Sequence[Message], done: bool) -> None:
-        """Queue `messages` of `answer`'s job; `done`: the job has no more. Never blocks."""
+    def post(self, output: JobOutput, messages: Sequence[StreamMessage], done: bool) -> None:
+        """Queue `messages` of `output`'s job; `done`: the job has no more. Never blocks."""
         now = time.monotonic()
-        if answer.posted_at is not None:
-            gap = now - answer.posted_at
+        if output.posted_at is not None:
+            gap = now - output.posted_at
             self.step_s = gap if not self.step_s else self.step_s + (gap - self.step_s) / 8
-        answer.posted_at = now
-        self._queue.put((answer, messages, done))
+        output.posted_at = now
+        self._queue.put((output, messages, done))
 
-    def send(self, answer: Answer, messages: Sequence[Message]) -> bool:
+    def send(self, output: JobOutput, messages: Sequence[StreamMessage]) -> bool:
         """Publish `messages` as they are, at once, on the caller's thread; returns whether the
         client asked to stop."""
-        return self._write([(answer, messages, True)])[answer.job_id]
+        return self._write([(output, messages, True)])[output.job_id]
 
     def close(self) -> None:
         self._queue.put(None)
@@ -135,15 +138,15 @@ class Publisher:
             batch = [i for i in items if i is not None]
             try:
                 cancelled = self._write(_per_job(batch))
-                for answer, _, _ in batch:
-                    answer.cancelled = answer.cancelled or cancelled[answer.job_id]
+                for output, _, _ in batch:
+                    output.cancelled = output.cancelled or cancelled[output.job_id]
             except (redis.RedisError, OSError) as e:
                 log.warning("could not publish to Redis: %s", e)
-                for answer, _, _ in batch:
-                    answer.error, answer.cancelled = e, True
-            for answer, _, done in batch:
+                for output, _, _ in batch:
+                    output.error, output.cancelled = e, True
+            for output, _, done in batch:
                 if done:
-                    answer.resolve()
+                    output.resolve()
             if stop:
                 return
 
@@ -152,7 +155,7 @@ class Publisher:
         return min(max(self.interval_s, STEPS_PER_WRITE * self.step_s),
                    MAX_STRETCH * self.interval_s)
 
-    def _gather(self, deadline: float) -> list[tuple[Answer, Sequence[Message], bool] | None]:
+    def _gather(self, deadline: float) -> list[Item | None]:
         """What to write next: the queue's items up to `deadline` (let a few steps pile up: one
         write, one wake-up of the readers), or up to the first that must go at once."""
         items = [self._queue.get()]
@@ -167,44 +170,44 @@ class Publisher:
             except queue.Empty:
                 return items
 
-    def _write(self, batch: Sequence[tuple[Answer, Sequence[Message], bool]]) -> dict[str, bool]:
+    def _write(self, batch: Sequence[Item]) -> dict[str, bool]:
         """One pipeline: every message in order, the streams' expiry where it is due, and one
         MGET of the jobs' cancel flags. The expiry is renewed at a job's end and otherwise every
         quarter of its lifetime, not at every write: Redis' work per token is what limits how
         many workers one Redis feeds."""
-        jobs: dict[str, Answer] = {}
+        jobs: dict[str, JobOutput] = {}
         now = time.monotonic()
         with self.client.pipeline(transaction=False) as pipe:
-            for answer, messages, done in batch:
-                jobs[answer.job_id] = answer
+            for output, messages, done in batch:
+                jobs[output.job_id] = output
                 for message in messages:
-                    pipe.xadd(keys.stream(answer.job_id), {"m": encode(message)})
-                keep_s = answer.keep_s or self.ttl_s
-                if done or now - answer.expiry_set_at > keep_s / 4:
-                    pipe.expire(keys.stream(answer.job_id), keep_s)
-                    answer.expiry_set_at = now
+                    pipe.xadd(keys.stream(output.job_id), {"m": encode(message)})
+                keep_s = output.keep_s or self.ttl_s
+                if done or now - output.expiry_set_at > keep_s / 4:
+                    pipe.expire(keys.stream(output.job_id), keep_s)
+                    output.expiry_set_at = now
             pipe.mget([keys.job_cancel(job_id) for job_id in jobs])
             flags = pipe.execute()[-1]
         return {job_id: is_cancelled(flag) for job_id, flag in zip(jobs, flags, strict=True)}
 
 
-def _per_job(batch: Sequence[tuple[Answer, Sequence[Message], bool]],
-             ) -> list[tuple[Answer, list[Message], bool]]:
+def _per_job(batch: Sequence[Item],
+             ) -> list[tuple[JobOutput, list[StreamMessage], bool]]:
     """One entry per job: all it queued since the last write, recorded, then coalesced."""
-    jobs: dict[Answer, tuple[list[Message], bool]] = {}
-    for answer, messages, done in batch:
-        held, ended = jobs.setdefault(answer, ([], False))
+    jobs: dict[JobOutput, tuple[list[StreamMessage], bool]] = {}
+    for output, messages, done in batch:
+        held, ended = jobs.setdefault(output, ([], False))
         held.extend(messages)
-        jobs[answer] = (held, ended or done)
+        jobs[output] = (held, ended or done)
     return [(a, coalesce(a.outgoing(m)), done) for a, (m, done) in jobs.items()]
 
 
-def coalesce(messages: Sequence[Message]) -> list[Message]:
+def coalesce(messages: Sequence[StreamMessage]) -> list[StreamMessage]:
     """Each choice's text (and logprobs) written together as one delta: a write carries one
     chunk per choice, however many tokens piled up since the last (vLLM's `stream_interval`).
     Each message costs Redis, the web process and the client more than its bytes do. A tool
     call's piece, a finish and anything after them keep their place."""
-    out: list[Message] = []
+    out: list[StreamMessage] = []
     open_: dict[int, int] = {}  # choice index -> position in `out` of a delta text may join
     for m in messages:
         if not isinstance(m, Delta):
@@ -234,9 +237,9 @@ def _join(a: Logprobs | None, b: Logprobs | None) -> Logprobs | None:
                     text_offset=a.text_offset + b.text_offset)
 
 
-def _urgent(item: tuple[Answer, Sequence[Message], bool] | None) -> bool:
+def _urgent(item: Item | None) -> bool:
     """A job's end, its first token, or the publisher's stop: no reason to wait."""
     if item is None:
         return True
-    answer, messages, done = item
-    return done or (answer.first_token_at is None and bool(messages))
+    output, messages, done = item
+    return done or (output.first_token_at is None and bool(messages))

@@ -19,13 +19,15 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final
 from tests.helpers import smollm_path
+from workers.engine.choice import Choice
 from workers.engine.prefix_cache import common_prefix
-from workers.engine.scheduler import Choice, Group, Run, Scheduler
+from workers.engine.scheduler import Scheduler
+from workers.engine.task import Group, Task
 from workers.engine.textstream import TextStream
 
 
-class Answer:
-    """Collects one run's messages, as the publisher's `Answer` would receive them."""
+class Collected:
+    """Collects one task's messages, as the publisher's `JobOutput` would receive them."""
 
     def __init__(self) -> None:
         self.cancelled = False
@@ -67,12 +69,12 @@ def scheduler(model: LlamaModel, host_bytes: int, parallel: int = 4) -> Iterator
         ctx.close()
 
 
-def generate(s: Scheduler, model: LlamaModel, prompt: str) -> Answer:
+def generate(s: Scheduler, model: LlamaModel, prompt: str) -> Collected:
     tokens = model.tokenize(prompt.encode(), add_bos=True, special=True)
     chain = LlamaSampler()
     chain.add_greedy()
-    answer = Answer()
-    s.submit(Run(answer, [Group(tokens, [Choice(0, chain, TextStream([]), None)], 6)]))
+    answer = Collected()
+    s.submit(Task("job-test", answer, [Group(tokens, [Choice(0, chain, TextStream([]), None)], 6)]))
     assert answer.done.wait(60)
     assert answer.final is not None
     return answer

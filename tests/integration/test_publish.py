@@ -10,7 +10,7 @@ import redis
 
 from shared import keys
 from shared.jobs import Delta, Final, Logprobs, ToolCallDelta, Usage, decode
-from workers.publish import Answer, Publisher, coalesce
+from workers.publish import JobOutput, Publisher, coalesce
 
 
 def lp(*tokens: tuple[str, int]) -> Logprobs:
@@ -49,7 +49,7 @@ def test_steps_queued_between_writes_reach_redis_as_one_entry(redis_url: str) ->
     publisher = Publisher(client, ttl_s=60, interval_s=0.3)
     loop = asyncio.new_event_loop()
     try:
-        answer = Answer(f"test-{uuid.uuid4().hex}", hold_final=False, loop=loop)
+        answer = JobOutput(f"test-{uuid.uuid4().hex}", hold_final=False, loop=loop)
         publisher.post(answer, [Delta(index=0, text="one")], False)
         deadline = time.monotonic() + 5
         while not client.xlen(keys.stream(answer.job_id)) and time.monotonic() < deadline:
@@ -76,7 +76,7 @@ def test_the_middle_waits_two_steps_when_steps_are_long(redis_url: str) -> None:
     publisher = Publisher(client, ttl_s=60, interval_s=0.05)
     loop = asyncio.new_event_loop()
     try:
-        answer = Answer(f"test-{uuid.uuid4().hex}", hold_final=False, loop=loop)
+        answer = JobOutput(f"test-{uuid.uuid4().hex}", hold_final=False, loop=loop)
         assert publisher._cadence() == 0.05
 
         def step(seconds: float) -> None:
