@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from shared.jobs import Logprobs
+
 
 def dump(answer: BaseModel) -> dict[str, Any]:
     """The answer as JSON-ready data, with the fields it was built with (none left out, none
@@ -56,14 +58,8 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
-class TextLogprobs(BaseModel):
-    """Completion-style logprobs: one entry per token in each list."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
+# Completion-style logprobs (one entry per token in each list) are the stream's own.
+TextLogprobs = Logprobs
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]

@@ -26,11 +26,6 @@ def _chat_logprobs(lp: Logprobs) -> a.ChatLogprobs:
     ], refusal=None)
 
 
-def _text_logprobs(lp: Logprobs) -> a.TextLogprobs:
-    return a.TextLogprobs(tokens=lp.tokens, token_logprobs=lp.token_logprobs,
-                          top_logprobs=lp.top_logprobs, text_offset=lp.text_offset)
-
-
 class Renderer:
     """Renders one job as chat or text completion objects, as JSON-ready dicts."""
 
@@ -55,7 +50,7 @@ class Renderer:
         if not self.chat:
             return a.dump(a.TextCompletion(**self._envelope(), object="text_completion", choices=[
                 a.TextChoice(index=delta.index, text=delta.text,
-                             logprobs=_text_logprobs(delta.logprobs) if delta.logprobs else None,
+                             logprobs=delta.logprobs,
                              finish_reason=delta.finish_reason)]))
         body = a.ChunkDelta()
         if delta.index not in self._started:
@@ -105,7 +100,7 @@ class Renderer:
                 for i in range(choice_count)]))
         return a.dump(a.TextCompletion(**envelope, object="text_completion", choices=[
             a.TextChoice(index=i, text=texts[i],
-                         logprobs=_text_logprobs(lp) if (lp := merged[i]) else None,
+                         logprobs=merged[i],
                          finish_reason=finish[i] or "stop")
             for i in range(choice_count)]))
 
