@@ -18,6 +18,7 @@ from functions.identity import auth, login, ratelimit, users
 from functions.openai import completions, models_api, tokenize
 from functions.ops import health, metrics, status
 from functions.queue.hub import StreamHub
+from functions.responses import responses
 from shared.errors import FerryError, MethodNotAllowed, NotFound, PayloadTooLarge, Unavailable
 from shared.redis import connect
 from shared.settings import Settings
@@ -56,7 +57,7 @@ def create_app(settings: Settings) -> Quart:
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models_api.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
-                   conversations.bp, status.bp, users.bp, files.bp, batches.bp):
+                   conversations.bp, status.bp, users.bp, files.bp, batches.bp, responses.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)

@@ -85,6 +85,8 @@ class GenerationJob(BaseModel):
     tools: Tools | None = None
     reply: Reply | None = None  # store choice 0 as an assistant message before `final`
     keep_s: int | None = None  # how long its stream is kept once written (default stream_ttl_s)
+    truncate: bool = False  # chat: drop the oldest turns until the prompt fits the context
+    count_only: bool = False  # count the prompt's tokens (`final` usage), generate nothing
 
     @property
     def choice_count(self) -> int:

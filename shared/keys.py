@@ -44,6 +44,8 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:batch:{id}:running``      hash: line number -> the job running it (JSON)
 - ``ferry:batch:{id}:results``      hash: line number -> its result line (JSON), output or error
 - ``ferry:batch:lines:{model}``     set: jobs of every batch queued or running on the model
+- ``ferry:response:{id}``           a stored response (JSON): its request, owner, and once known
+                                    its result; its job's stream is kept as long
 - ``arq:job:{job}``, ``arq:in-progress:{job}``, ``arq:result:{job}``  arq's own, named here for cleanup
 """
 
@@ -200,3 +202,7 @@ def batch(batch_id: str, part: str) -> str:
 
 def batch_lines(model: str) -> str:
     return f"{PREFIX}:batch:lines:{model}"
+
+
+def response(response_id: str) -> str:
+    return f"{PREFIX}:response:{response_id}"

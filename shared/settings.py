@@ -67,6 +67,10 @@ class Settings(BaseSettings):
 
     # Model loading (Jan's defaults)
     ctx_len: int = Field(4096, ge=64, description="Context length per model")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens one request may generate, on every endpoint (llama-server's "
+        "--n-predict): a request asking for more, or for no limit, stops here with its API's "
+        "length reason (unset: the context is the limit)")
     n_batch: int = Field(
         512, ge=1, description="Tokens decoded per step: generating sequences, then prompt chunks")
     n_threads: int | None = Field(
@@ -121,6 +125,9 @@ class Settings(BaseSettings):
     async_ttl_s: int = Field(
         86400, ge=60, description="How long an async request's (Prefer: respond-async) result "
         "is kept")
+    responses_ttl_s: int = Field(
+        30 * 86400, ge=60, description="How long a stored response (/v1/responses, store true) "
+        "and its event stream are kept")
     drain_s: float = Field(
         60.0, ge=0, description="On SIGTERM: how long a worker lets its jobs in flight, and a web "
         "process its open requests, finish (a second signal: at once)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from shared import keys, telemetry
 from shared.errors import Cancelled, FerryError, WorkerStopping
-from shared.jobs import Error, GenerationJob, is_cancelled
+from shared.jobs import Error, Final, GenerationJob, Usage, is_cancelled
 from shared.storage import store
 from workers.engine.task import Outcome
 from workers.loaded_model import LoadedModel
@@ -32,10 +32,13 @@ async def generate(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
         cancelled_while_queued = is_cancelled((await pipe.execute())[0])
     output = JobOutput(gen.id, hold_final=gen.reply is not None, loop=asyncio.get_running_loop(),
                        keep_s=gen.keep_s)
+    last: Error | Final | None
     if cancelled_while_queued:
         outcome, last = "cancelled", CANCELLED
     elif loaded.stopping:  # taken from the queue just as the drain ran out
         outcome, last = "failed", STOPPING
+    elif gen.count_only:
+        outcome, last = await _count(loaded, gen)
     else:
         outcome, last = await _run(loaded, gen, output)
     if gen.reply is not None:
@@ -70,6 +73,15 @@ async def _record(loaded: LoadedModel, job: GenerationJob, ctx: dict[str, Any], 
         )
     except Exception:
         log.warning("could not record metrics for job %s", job.id, exc_info=True)
+
+
+async def _count(loaded: LoadedModel, job: GenerationJob) -> tuple[str, Error | Final]:
+    """A count-only job: the prompt's tokens as its usage would show them, nothing generated."""
+    try:
+        tokens = await asyncio.to_thread(loaded.engine.prompts.prompt_tokens, job)
+    except FerryError as e:
+        return "failed", Error.of(e)
+    return "completed", Final(usage=Usage(prompt_tokens=tokens))
 
 
 async def _run(loaded: LoadedModel, job: GenerationJob, output: JobOutput) -> tuple[str, Any]:

@@ -23,13 +23,12 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from functions.batch.endpoints import answer, job_of, request_of
 from functions.batch.file_store import file_store
 from functions.batch.results import result_line, totals
 from functions.batch.validate import MAX_ERRORS, first_of_each_model, line_error, read_lines
 from functions.context import FerryState
 from functions.http.body import invalid
-from functions.openai.protocol import ChatCompletionRequest, CompletionRequest
-from functions.openai.render import Renderer
 from functions.queue.handle import JobState, job_lost, job_state, request_cancel, withdraw
 from functions.queue.reader import has_ended, read_all
 from functions.queue.submit import JobMeta, submit
@@ -154,14 +153,12 @@ class BatchDriver:
     async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:
         """Record the line as running, then queue its job (a crash in between leaves a running
         line with no job, which `_collect` finds lost and queues again)."""
-        request_model = ChatCompletionRequest if batch.endpoint.endswith("/chat/completions") \
-            else CompletionRequest
         try:
-            request = request_model.model_validate(entry["body"])
+            request = request_of(batch.endpoint, entry["body"])
             record = await models.get_or_bundled(
                 self.redis, request.model or self.st.settings.default_model,
                 self.st.settings.models_path)
-            job = request.to_job(record.id)
+            job = job_of(request, record.id)
         except (ValidationError, FerryError) as e:
             error = invalid(e) if isinstance(e, ValidationError) else e
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -176,7 +173,8 @@ class BatchDriver:
         job.id = f"{self.id}-{line}-{attempt}"
         meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=int(time.time()),
                        choices=job.choice_count)
-        running = {**meta.model_dump(), "attempt": attempt}  # what _finish renders with
+        # what _finish renders with
+        running = {**meta.model_dump(), "attempt": attempt, "endpoint": batch.endpoint}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("running"), str(line), orjson.dumps(running).decode())
             pipe.sadd(keys.batch_lines(record.id), job.id)
@@ -210,8 +208,8 @@ class BatchDriver:
         end = messages[-1]
         entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
         if isinstance(end, Final):
-            body = Renderer(meta).response([m for m in messages if isinstance(m, Delta)],
-                                           end.usage, meta.choices)
+            body = answer(running.get("endpoint", "/v1/chat/completions"), entry["body"], meta,
+                          [m for m in messages if isinstance(m, Delta)], end.usage)
             result, ok = result_line(entry, 200, body, ok=True), True
         else:
             assert isinstance(end, Error)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from functions.batch.endpoints import usage_of
 from shared.storage.objects import Batch, BatchCounts
 
 
@@ -31,10 +32,8 @@ def totals(batch: Batch, results: Iterable[dict[str, Any]]) -> tuple[BatchCounts
             failed += 1
             continue
         completed += 1
-        used = r["response"]["body"]["usage"]
-        prompt += used["prompt_tokens"]
-        output += used["completion_tokens"]
-        cached += used["prompt_tokens_details"]["cached_tokens"]
+        p, o, c = usage_of(r["response"]["body"])
+        prompt, output, cached = prompt + p, output + o, cached + c
     counts = batch.request_counts.model_copy(update={"completed": completed, "failed": failed})
     return counts, {**batch.usage, "input_tokens": prompt, "output_tokens": output,
                     "total_tokens": prompt + output,

@@ -44,6 +44,9 @@ def invalid(e: ValidationError) -> InvalidRequest:
     loc = [p for p in first["loc"] if not _is_union_tag(p)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":  # as OpenAI words it
+        return InvalidRequest(f"Unknown parameter: '{param}'.", param=param,
+                              code="unknown_parameter")
     return InvalidRequest(
         f"Invalid value for '{param}': {message}" if param else message,
         param=param or None,

@@ -40,12 +40,13 @@ Item = Event | list[Event] | None
 
 
 async def encode(
-    events: AsyncIterator[Item], keepalive_s: float, *, done: Event = DONE,
+    events: AsyncIterator[Item], keepalive_s: float, *, done: Event | None = DONE,
     error_name: str | None = None,
 ) -> AsyncIterator[bytes]:
     """Encode events; `None` means 'nothing yet', answered by a ping when idle.
 
-    A failure after the 200 becomes one error frame; the stream always ends with `done`.
+    A failure after the 200 becomes one error frame; the stream ends with `done`, if any (the
+    Responses API has none).
     """
     last_sent = time.monotonic()
     try:
@@ -63,7 +64,8 @@ async def encode(
     except Exception:
         log.exception("stream failed")
         yield Event(FerryError("The stream failed on the server").to_dict(), name=error_name).encode()
-    yield done.encode()
+    if done is not None:
+        yield done.encode()
 
 
 async def respond_after_first(

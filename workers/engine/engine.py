@@ -42,7 +42,7 @@ class Engine:
         self.n_ctx = self.scheduler.n_ctx
         self.n_vocab = model.n_vocab()
         self.prompts = PromptBuilder(model, record, self.n_ctx, len(self.scheduler.seqs),
-                                     lambda: self.eog)
+                                     lambda: self.eog, settings.max_tokens)
 
     @classmethod
     def load(cls, record: ModelRecord, settings: Settings, gpu: bool, one_gpu: bool,

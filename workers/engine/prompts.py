@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from llama_cpp._internals import LlamaModel
@@ -38,12 +39,14 @@ class PromptBuilder:
     """One model's way from a job to the scheduler's groups.
 
     `n_ctx`: the context a sequence may fill; `width`: the context's sequences, the most choices
-    one group may hold; `eog`: the end-of-generation tokens, asked for only with `ignore_eos`.
+    one group may hold; `eog`: the end-of-generation tokens, asked for only with `ignore_eos`;
+    `cap`: the server's limit on tokens generated per request (`FERRY_MAX_TOKENS`), if any.
     """
 
     def __init__(self, model: LlamaModel, record: ModelRecord, n_ctx: int, width: int,
-                 eog: Callable[[], list[int]]) -> None:
+                 eog: Callable[[], list[int]], cap: int | None = None) -> None:
         self.model = model
+        self.cap = cap
         self.model_id = record.id
         self.n_ctx = n_ctx
         self.n_vocab = model.n_vocab()
@@ -80,9 +83,21 @@ class PromptBuilder:
                 )
                 for j in range(job.n)
             ]
-            groups += [Group(p.tokens, choices[k:k + self.width], s.max_tokens)
+            groups += [Group(p.tokens, choices[k:k + self.width], self.limit(job))
                        for k in range(0, len(choices), self.width)]
         return groups
+
+    def limit(self, job: GenerationJob) -> int | None:
+        """Tokens a choice may generate: the request's limit, held to the server's cap."""
+        asked = job.sampling.max_tokens
+        return asked if self.cap is None else min(asked or self.cap, self.cap)
+
+    def prompt_tokens(self, job: GenerationJob) -> int:
+        """What the job's prompt comes to, as its usage would count it (a count-only job), even
+        past the context."""
+        if job.kind == "chat" and self.formatter is not None:
+            return len(self._chat_prompt(job, job.messages).tokens)
+        return len(self._prompts(job)[0].tokens)
 
     def _prompts(self, job: GenerationJob) -> list[Prompt]:
         if job.kind == "chat":
@@ -91,23 +106,34 @@ class PromptBuilder:
                     f"Model '{self.model_id}' has no chat template; use /v1/completions",
                     param="model",
                 )
-            plan = tool_prompt.plan(job.messages, job.tools, self.tool_family, self._single_token)
-            try:
-                result = tool_prompt.render(self.formatter, plan)
-            except (jinja2.TemplateError, ValueError, TypeError) as e:
-                raise InvalidRequest(f"The chat template refused the messages: {e}",
-                                     param="messages") from e
-            tokens = self.model.tokenize(
-                result.prompt.encode(), add_bos=not result.added_special, special=True
-            )
-            stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
-            prompts = [Prompt(0, tokens, [s for s in stops if s], plan)]
+            messages = job.messages
+            prompts = [self._chat_prompt(job, messages)]
+            while job.truncate and self._too_long(len(prompts[0].tokens), job):
+                shorter = _drop_oldest_turn(messages)
+                if shorter is None:
+                    break  # only the last turn is left: it fails the check below
+                messages = shorter
+                prompts = [self._chat_prompt(job, messages)]
         else:
             prompts = [Prompt(i * job.n, self._prompt_tokens(p), [])
                        for i, p in enumerate(job.prompts)]
         for p in prompts:
             self._check_fits(len(p.tokens), job)
         return prompts
+
+    def _chat_prompt(self, job: GenerationJob, messages: list[dict[str, Any]]) -> Prompt:
+        assert self.formatter is not None
+        plan = tool_prompt.plan(messages, job.tools, self.tool_family, self._single_token)
+        try:
+            result = tool_prompt.render(self.formatter, plan)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise InvalidRequest(f"The chat template refused the messages: {e}",
+                                 param="messages") from e
+        tokens = self.model.tokenize(
+            result.prompt.encode(), add_bos=not result.added_special, special=True
+        )
+        stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+        return Prompt(0, tokens, [s for s in stops if s], plan)
 
     def _single_token(self, text: str) -> int | None:
         tokens = self.model.tokenize(text.encode(), add_bos=False, special=True)
@@ -123,6 +149,9 @@ class PromptBuilder:
                                  param="prompt")
         return tokens
 
+    def _too_long(self, prompt_tokens: int, job: GenerationJob) -> bool:
+        return prompt_tokens + (job.sampling.max_tokens or 1) > self.n_ctx
+
     def _check_fits(self, prompt_tokens: int, job: GenerationJob) -> None:
         wanted = prompt_tokens + (job.sampling.max_tokens or 1)
         if wanted > self.n_ctx:
@@ -134,3 +163,14 @@ class PromptBuilder:
                 f"of the {param} or the completion.",
                 param=param,
             )
+
+
+def _drop_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The messages less their oldest turn after the system prompt (a user message and what
+    answered it, tool results included), as OpenAI's `truncation: auto` drops input items from
+    the start; None when only the last turn is left."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+    if len(starts) < 2:
+        return None
+    return messages[:head] + messages[starts[1]:]
