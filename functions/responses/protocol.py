@@ -159,7 +159,7 @@ class InputTokensRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    input: str | list[dict[str, Any]] = []
+    input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[dict[str, Any]] = Field([], max_length=128)
     tool_choice: str | dict[str, Any] = "auto"

@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from quart import Blueprint, Response
 
 from functions.context import caller, state
 from functions.http import sse
-from functions.http.body import parse_body, parse_query
+from functions.http.body import invalid, parse_body, parse_query
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
 from functions.queue.handle import JobState, call_off_cancel, job_state, request_cancel, withdraw
@@ -96,8 +96,11 @@ async def create() -> Any:
 async def input_tokens() -> Any:
     st = state()
     req = await parse_body(InputTokensRequest)
-    body = CreateResponse.model_validate({**req.model_dump(exclude_unset=True, by_alias=True),
-                                          "input": req.input or [], "store": False})
+    try:
+        body = CreateResponse.model_validate({**req.model_dump(exclude_unset=True, by_alias=True),
+                                              "store": False})
+    except ValidationError as e:
+        raise invalid(e) from e
     model = await models.get_or_bundled(st.redis, req.model or st.settings.default_model,
                                        st.settings.models_path)
     context = await _chain(req.previous_response_id, caller())

@@ -389,3 +389,25 @@ def test_key_pair_signs_tokens_and_refuses_algorithm_confusion(
     bad.write_text("not a key")
     refused = ferry({**kenv, "FERRY_JWT_PRIVATE_KEY_FILE": str(bad)}, "web", "--port", "9")
     assert refused.returncode != 0 and "FERRY_JWT_PRIVATE_KEY_FILE" in refused.stderr
+
+
+def test_responses_belong_to_their_user(server: dict[str, Any]) -> None:
+    owner, other = login(server, "rhea"), login(server, "rufus")
+    with client(server["a"], owner["access_token"]) as mine:
+        made = mine.post("/v1/responses", json={"model": SMOLLM, "input": "Hi",
+                                                "max_output_tokens": 2})
+        assert made.status_code == 200, made.text
+        rid = made.json()["id"]
+        key = mine.post("/api/v1/user/api-keys", json={"name": "r", "permissions": ["read"]}).json()
+    with client(server["b"], other["access_token"]) as theirs:  # another web process, too
+        for path in (f"/v1/responses/{rid}", f"/v1/responses/{rid}/input_items"):
+            error_of(theirs.get(path), 404)
+        error_of(theirs.delete(f"/v1/responses/{rid}"), 404)
+        error_of(theirs.post(f"/v1/responses/{rid}/cancel"), 404)
+        chained = theirs.post("/v1/responses", json={"model": SMOLLM, "input": "And?",
+                                                     "previous_response_id": rid})
+        assert error_of(chained, 400)["param"] == "previous_response_id"
+    with client(server["b"], key["key"]) as reader:  # a read key reads, and creates nothing
+        assert reader.get(f"/v1/responses/{rid}").json()["status"] in ("completed", "incomplete")
+        error_of(reader.post("/v1/responses", json={"model": SMOLLM, "input": "Hi"}), 403)
+        error_of(reader.delete(f"/v1/responses/{rid}"), 403)

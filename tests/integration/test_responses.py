@@ -242,6 +242,46 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
     assert r.text.format.type == "json_schema"
 
 
+def test_agents_sdk_calls_a_function_tool(base_url: str) -> None:
+    """The OpenAI Agents SDK's default model (`OpenAIResponsesModel`), unchanged: a run that
+    calls a function tool, and a streamed run."""
+    import asyncio
+
+    from agents import (Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool,
+                        set_tracing_disabled)
+
+    set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        cities.append(city)
+        return f"Sunny and 21 C in {city}"
+
+    async def run() -> tuple[Any, Any]:
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+        model = OpenAIResponsesModel(model=SMOLLM, openai_client=client)
+        agent = Agent(name="weather", instructions="Use get_weather to answer.", model=model,
+                      tools=[get_weather], tool_use_behavior="stop_on_first_tool",
+                      model_settings=ModelSettings(tool_choice="required", max_tokens=60,
+                                                   temperature=0))
+        called = await Runner.run(agent, "What is the weather in Paris?")
+        plain = Agent(name="plain", instructions="Be brief.", model=model,
+                      model_settings=ModelSettings(max_tokens=200, temperature=0))
+        streamed = Runner.run_streamed(plain, "Say hello.")
+        kinds = {e.type async for e in streamed.stream_events()}
+        assert "raw_response_event" in kinds
+        await client.close()
+        return called, streamed
+
+    called, streamed = asyncio.run(run())
+    assert len(cities) == 1 and cities[0]
+    assert called.final_output == f"Sunny and 21 C in {cities[0]}"
+    assert [type(i).__name__ for i in called.new_items] == ["ToolCallItem", "ToolCallOutputItem"]
+    assert isinstance(streamed.final_output, str) and streamed.final_output
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "no-such-model", "input": "Hi"}, 404, "model"),
     ({"model": SMOLLM}, 400, "input"),
