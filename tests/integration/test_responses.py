@@ -3,6 +3,7 @@ background with a resumed stream, tools, formats and every bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
 from tests.helpers import SMOLLM, Proc, error_of, sse_events, start_web, start_worker
 
@@ -245,11 +247,6 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
 def test_agents_sdk_calls_a_function_tool(base_url: str) -> None:
     """The OpenAI Agents SDK's default model (`OpenAIResponsesModel`), unchanged: a run that
     calls a function tool, and a streamed run."""
-    import asyncio
-
-    from agents import (Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool,
-                        set_tracing_disabled)
-
     set_tracing_disabled(True)
     cities: list[str] = []
 
