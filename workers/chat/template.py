@@ -3,12 +3,29 @@ template the GGUF carries."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from llama_cpp import llama_chat_format
 from llama_cpp._internals import LlamaModel
 
+
+def format_gemma(messages: list[Any], **kwargs: Any) -> llama_chat_format.ChatFormatterResponse:
+    """llama-cpp-python's Gemma format drops system messages without a word (Gemma has no system
+    turn); Gemma 3's own template puts the system prompt at the head of the first user turn, and
+    so does this."""
+    system = "\n\n".join(m["content"] or "" for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    if system:
+        if rest and rest[0]["role"] == "user":
+            rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content'] or ''}"}
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    return llama_chat_format.format_gemma(rest, **kwargs)
+
+
 # Chat formats llama-cpp-python ships, for GGUFs that carry no template of their own.
 NAMED_FORMATS: dict[str, llama_chat_format.ChatFormatter] = {
-    "gemma": llama_chat_format.format_gemma,
+    "gemma": format_gemma,
     "chatml": llama_chat_format.format_chatml,
     "llama-2": llama_chat_format.format_llama2,
     "mistral-instruct": llama_chat_format.format_mistral_instruct,
