@@ -23,7 +23,7 @@ from functions.http.body import invalid, parse_body, parse_query
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
 from functions.queue.handle import JobState, call_off_cancel, job_state, request_cancel, withdraw
-from functions.queue.reader import JobStream, read_all
+from functions.queue.reader import JobStream, has_ended, read_all
 from functions.queue.submit import JobMeta, submit
 from functions.responses import answers as a
 from functions.responses import stored
@@ -151,16 +151,8 @@ async def cancel(response_id: str) -> Any:
     response = await current(record)
     if response["status"] not in ("queued", "in_progress"):
         return response
-    if await job_state(st.redis, record.job_id, st.settings) is JobState.QUEUED:
-        await withdraw(st.redis, record.job_id, record.model, st.settings,
-                       Error.of(Cancelled("The response was cancelled")))
-    else:
-        await request_cancel(st.redis, record.job_id, st.settings)
-    deadline = time.monotonic() + CANCEL_WAIT_S
-    while response["status"] in ("queued", "in_progress") and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        response = await current(record)
-    return response
+    await _stop(record, "The response was cancelled")
+    return await current(record)
 
 
 @bp.delete("/responses/<response_id>")
@@ -169,7 +161,7 @@ async def delete(response_id: str) -> Any:
     st = state()
     record = await stored.load(st.redis, response_id, caller())
     if (await current(record))["status"] in ("queued", "in_progress"):
-        await request_cancel(st.redis, record.job_id, st.settings)
+        await _stop(record, "The response was deleted")  # or its worker writes it again
     await stored.delete(st.redis, record)
     return {"id": record.id, "object": "response", "deleted": True}
 
@@ -219,6 +211,19 @@ async def current(record: ResponseRecord) -> dict[str, Any]:
         return events.snapshot("in_progress" if started else "queued")
     await _keep(record, result)
     return result
+
+
+async def _stop(record: ResponseRecord, why: str) -> None:
+    """Stop the response's job, and wait a little for its stream to say so."""
+    st = state()
+    if await job_state(st.redis, record.job_id, st.settings) is JobState.QUEUED:
+        await withdraw(st.redis, record.job_id, record.model, st.settings,
+                       Error.of(Cancelled(why)))
+        return
+    await request_cancel(st.redis, record.job_id, st.settings)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while not await has_ended(st.redis, record.job_id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _chain(previous_id: str | None, owner: str) -> list[dict[str, Any]]:

@@ -29,10 +29,6 @@ class ResponseRecord(BaseModel):
     input: list[dict[str, Any]] = []
     result: dict[str, Any] | None = None  # the finished response object
 
-    @property
-    def output_items(self) -> list[dict[str, Any]]:
-        return list((self.result or {}).get("output") or [])
-
 
 async def save(redis: ArqRedis, record: ResponseRecord, ttl_s: int) -> None:
     await redis.set(keys.response(record.id), record.model_dump_json(), ex=ttl_s)

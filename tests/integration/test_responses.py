@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
+from shared import keys
 from tests.helpers import SMOLLM, Proc, error_of, sse_events, start_web, start_worker
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -137,7 +139,7 @@ def test_unstored_responses_are_not_kept(client: openai.OpenAI) -> None:
     assert e.value.body["param"] == "previous_response_id"
 
 
-def test_background_poll_and_cancel(client: openai.OpenAI) -> None:
+def test_background_poll_and_cancel(client: openai.OpenAI, rds: redis.Redis) -> None:
     r = client.responses.create(model=SMOLLM, input="Say hello.", max_output_tokens=4,
                                 background=True)
     assert r.status == "queued" and r.background is True
@@ -151,6 +153,14 @@ def test_background_poll_and_cancel(client: openai.OpenAI) -> None:
     plain = client.responses.create(model=SMOLLM, input="Hi", max_output_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(plain.id)
+    running = client.responses.create(model=SMOLLM, input="Count to a thousand.",
+                                      max_output_tokens=1500, background=True)
+    time.sleep(0.3)
+    client.responses.delete(running.id)  # stopped first: its worker writes nothing after
+    time.sleep(1)
+    assert not rds.exists(keys.stream(running.id.removeprefix("resp_")))
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(running.id)
 
 
 @pytest.fixture
