@@ -9,6 +9,8 @@ from quart import Quart, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from functions.anthropic import errors as anthropic_errors
+from functions.anthropic import messages
 from functions.assistants import assistants, conversations, runs, threads
 from functions.batch import batches, files
 from functions.batch.runner import BatchRunner
@@ -57,7 +59,8 @@ def create_app(settings: Settings) -> Quart:
     for prefix in API_PREFIXES:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models_api.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
-                   conversations.bp, status.bp, users.bp, files.bp, batches.bp, responses.bp):
+                   conversations.bp, status.bp, users.bp, files.bp, batches.bp, responses.bp,
+                   messages.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)
@@ -89,6 +92,8 @@ def create_app(settings: Settings) -> Quart:
 
 
 def _render(error: FerryError) -> Any:
+    if anthropic_errors.is_anthropic(request.path):  # Anthropic's clients read their own shape
+        return anthropic_errors.body(error), error.status, error.headers()
     return error.to_dict(), error.status, error.headers()
 
 

@@ -87,6 +87,7 @@ class GenerationJob(BaseModel):
     keep_s: int | None = None  # how long its stream is kept once written (default stream_ttl_s)
     truncate: bool = False  # chat: drop the oldest turns until the prompt fits the context
     count_only: bool = False  # count the prompt's tokens (`final` usage), generate nothing
+    clamp: bool = False  # max_tokens is a ceiling: held to the room the prompt leaves
 
     @property
     def choice_count(self) -> int:
@@ -119,15 +120,6 @@ def add_tool_call(calls: list[dict[str, Any]], piece: ToolCallDelta) -> None:
     calls[piece.index]["function"]["arguments"] += piece.arguments
 
 
-class Delta(BaseModel):
-    kind: Literal["delta"] = "delta"
-    index: int
-    text: str = ""
-    tool_call: ToolCallDelta | None = None
-    logprobs: Logprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-
-
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -136,6 +128,17 @@ class Usage(BaseModel):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class Delta(BaseModel):
+    kind: Literal["delta"] = "delta"
+    index: int
+    text: str = ""
+    tool_call: ToolCallDelta | None = None
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    stop_sequence: str | None = None  # with finish_reason stop: the stop string that ended it
+    usage: Usage | None = None  # on a job's first delta: its prompt tokens, and those cached
 
 
 class Final(BaseModel):

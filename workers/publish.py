@@ -220,7 +220,8 @@ def coalesce(messages: Sequence[StreamMessage]) -> list[StreamMessage]:
             assert isinstance(head, Delta)
             out[at] = m = Delta(index=m.index, text=head.text + m.text,
                                 logprobs=_join(head.logprobs, m.logprobs),
-                                finish_reason=m.finish_reason)
+                                finish_reason=m.finish_reason, stop_sequence=m.stop_sequence,
+                                usage=head.usage or m.usage)
         else:
             at = len(out)
             out.append(m)

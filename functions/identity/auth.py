@@ -66,11 +66,12 @@ def require_admin() -> None:
 
 
 def bearer() -> str | None:
-    """The token in ``Authorization: Bearer …``; None without the header, 401 when malformed."""
+    """The token in ``Authorization: Bearer …``, else in ``x-api-key`` (Anthropic's header);
+    None without either, 401 when malformed."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        return None
+        return request.headers.get("x-api-key", "").strip() or None
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <token>'")
     return token.strip()

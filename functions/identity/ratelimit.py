@@ -48,7 +48,8 @@ async def apply() -> None:
                                      settings.rate_limit_ip_per_hour, 3600)
         return
     g.rate_window = await _count("user", who.user_id, settings.rate_limit_user_per_hour, 3600)
-    if request.method == "POST" and request.path.endswith(INFERENCE_SUFFIXES):
+    if request.method == "POST" and (request.path.endswith(INFERENCE_SUFFIXES)
+                                     or request.path in ("/v1/messages", "/api/v1/messages")):
         await _count("inference", who.user_id, settings.rate_limit_inference_per_minute, 60)
 
 

@@ -138,4 +138,6 @@ class Choice:
         deltas += [Delta(index=self.index, tool_call=call) for call in calls]
         if deltas:
             deltas[-1].finish_reason = finish  # type: ignore[assignment]
+            if finish == "stop" and self.text.stopped:
+                deltas[-1].stop_sequence = self.text.matched
         task.deltas.extend(deltas)

@@ -149,17 +149,22 @@ class PromptBuilder:
                                  param="prompt")
         return tokens
 
+    def _wanted(self, job: GenerationJob) -> int:
+        """Room the answer needs: its max_tokens, or one token when that is only a ceiling
+        (`clamp`: the context's end stops it, as `length`)."""
+        return 1 if job.clamp else job.sampling.max_tokens or 1
+
     def _too_long(self, prompt_tokens: int, job: GenerationJob) -> bool:
-        return prompt_tokens + (job.sampling.max_tokens or 1) > self.n_ctx
+        return prompt_tokens + self._wanted(job) > self.n_ctx
 
     def _check_fits(self, prompt_tokens: int, job: GenerationJob) -> None:
-        wanted = prompt_tokens + (job.sampling.max_tokens or 1)
+        wanted = prompt_tokens + self._wanted(job)
         if wanted > self.n_ctx:
             param = "messages" if job.kind == "chat" else "prompt"
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.n_ctx} tokens. However, you "
                 f"requested {wanted} tokens ({prompt_tokens} in the {param}, "
-                f"{job.sampling.max_tokens or 1} in the completion). Please reduce the length "
+                f"{self._wanted(job)} in the completion). Please reduce the length "
                 f"of the {param} or the completion.",
                 param=param,
             )

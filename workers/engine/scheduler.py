@@ -26,7 +26,7 @@ import threading
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel
 
-from shared.jobs import Delta, Final
+from shared.jobs import Delta, Final, Usage
 from workers.engine import sampling
 from workers.engine.choice import Vocab
 from workers.engine.prefix_cache import PrefixCache
@@ -235,6 +235,11 @@ class Scheduler:
             done = task.finished
             messages: list[Delta | Final] = list(task.deltas)
             task.deltas = []
+            if task.deltas_sent == 0 and messages and isinstance(messages[0], Delta):
+                # What the prompt came to, known now: for APIs that say it before the answer.
+                messages[0].usage = Usage(prompt_tokens=task.usage.prompt_tokens,
+                                          cached_tokens=task.usage.cached_tokens)
+            task.deltas_sent += len(messages)
             if done:
                 task.outcome = Outcome.CANCELLED if task.cancelled else Outcome.COMPLETED
                 if task.outcome is Outcome.COMPLETED:

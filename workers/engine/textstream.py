@@ -19,6 +19,7 @@ class TextStream:
         self.last = ""  # what the last token decoded to ("" for the first bytes of a character)
         self.sent = 0  # characters released so far
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self.tail = ""  # what `flush` decoded from bytes left over: a cut character, as U+FFFD
 
     def feed(self, piece: bytes) -> str:
@@ -37,9 +38,10 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         held = self._held
-        cut = min((i for s in self.stops if (i := held.find(s)) >= 0), default=-1)
+        found = [(i, s) for s in self.stops if (i := held.find(s)) >= 0]
+        cut = min(found)[0] if found else -1
         if cut >= 0:
-            self.stopped = True
+            self.stopped, self.matched = True, min(found)[1]
             out, self._held = held[:cut], ""
         else:
             keep = 0 if final else _partial_stop(held, self.stops)
