@@ -1,7 +1,9 @@
 """What `POST /v1/messages` takes: Anthropic's Messages request, and the chat job it becomes.
 
 Accepted and not applied: `metadata`, `thinking` (no model here thinks), `context_management`,
-`output_config`, `service_tier`, `cache_control` on any block (the prefix cache needs no marks).
+`output_config`, `service_tier`, `speed`, `inference_geo`, `diagnostics`, `container`,
+`mcp_servers`, `user_profile_id`, `workspace_id`, and `cache_control` on the request or any block
+(the prefix cache needs no marks). Other unknown fields are a 400, as Anthropic answers.
 Thinking blocks in the history are dropped. `max_tokens` above what the context can hold is a
 ceiling, never a refusal (Claude Code asks for 32000). Claude Code's per-request
 `x-anthropic-billing-header` line in the system prompt is dropped, as llama-server drops it: it
@@ -133,6 +135,13 @@ class MessagesRequest(_Prompt):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
+    cache_control: dict[str, Any] | None = None
+    container: Any = None
+    diagnostics: Any = None
+    inference_geo: str | None = None
+    speed: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
 
     def to_job(self, model: str) -> GenerationJob:
         return self.job(model, clamp=True, sampling=Sampling(

@@ -411,3 +411,22 @@ def test_responses_belong_to_their_user(server: dict[str, Any]) -> None:
         assert reader.get(f"/v1/responses/{rid}").json()["status"] in ("completed", "incomplete")
         error_of(reader.post("/v1/responses", json={"model": SMOLLM, "input": "Hi"}), 403)
         error_of(reader.delete(f"/v1/responses/{rid}"), 403)
+
+
+def test_anthropic_clients_authenticate_with_x_api_key(server: dict[str, Any]) -> None:
+    import anthropic
+
+    user = login(server, "ada")
+    with client(server["a"], user["access_token"]) as mine:
+        key = mine.post("/api/v1/user/api-keys", json={"name": "w", "permissions": ["read",
+                                                                                 "write"]}).json()
+    sdk = anthropic.Anthropic(base_url=server["b"], api_key=key["key"], max_retries=0)
+    said = sdk.messages.create(model=SMOLLM, max_tokens=2, messages=[{"role": "user",
+                                                                      "content": "Hi"}])
+    assert said.usage.output_tokens <= 2
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        anthropic.Anthropic(base_url=server["b"], api_key="sk-ferry-wrong", max_retries=0
+                            ).messages.create(model=SMOLLM, max_tokens=2,
+                                              messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["type"] == "error"  # Anthropic's shape on its route
+    assert e.value.body["error"]["type"] == "authentication_error"
