@@ -46,7 +46,7 @@ class ToolChoice(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code sends system turns in messages
     content: str | list[dict[str, Any]]
 
 
@@ -85,10 +85,15 @@ class _Prompt(BaseModel):
 
     def chat_messages(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if system := _system_text(self.system):
+        # System turns among the messages join the system prompt: most templates take one, first.
+        system = "\n\n".join(t for t in [_system_text(self.system), *(
+            _system_text(m.content) for m in self.messages if m.role == "system")] if t)
+        if system:
             out.append({"role": "system", "content": system})
         calls: set[str] = set()
         for i, m in enumerate(self.messages):
+            if m.role == "system":
+                continue
             blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) \
                 else m.content
             text, uses, results = _read_blocks(blocks, f"messages.{i}.content")

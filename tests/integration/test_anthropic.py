@@ -125,7 +125,7 @@ def test_langchain_chat_anthropic(base_url: str) -> None:
     ({"model": "no-such-model", "max_tokens": 5, "messages": HELLO}, 404, "not_found_error"),
     ({"model": SMOLLM, "max_tokens": 5, "messages": HELLO, "temperature": 2}, 400,
      "invalid_request_error"),
-    ({"model": SMOLLM, "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400,
+    ({"model": SMOLLM, "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}, 400,
      "invalid_request_error"),
     ({"model": SMOLLM, "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "data": ""}}]}]}, 400,

@@ -113,9 +113,43 @@ def _grammar_sampler(model: LlamaModel, g: Grammar) -> llama_cpp.llama_sampler_p
     return sampler
 
 
+# Keywords that only annotate a schema: one with nothing else accepts any value (JSON Schema), but
+# llama.cpp's converter refuses it ("Unrecognized schema"); Claude Code's tools have such fields.
+ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated",
+               "readOnly", "writeOnly"}
+# Bounds the converter writes out as that many repetitions: Claude Code's `maxLength: 524288` made
+# a 4 MB grammar that crashed llama.cpp (SIGSEGV). Bounds above this are left unenforced.
+LARGEST_BOUND = 256
+BOUNDS = {"minLength", "maxLength", "minItems", "maxItems"}
+
+
 def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> Grammar:
     """A grammar forcing JSON that `schema` accepts; `{}` means any object (json_object mode)."""
-    return _schema_grammar(json.dumps(schema), param)
+    return _schema_grammar(json.dumps(schema if not schema else _any_for_annotations(schema)),
+                           param)
+
+
+def _any_for_annotations(node: Any) -> Any:
+    """`node` with every subschema that only annotates written as `{}` (any value), and length
+    bounds past `LARGEST_BOUND` dropped."""
+    if isinstance(node, list):
+        return [_any_for_annotations(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if node and set(node) <= ANNOTATIONS:
+        return {}
+    out = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = {k: _any_for_annotations(v) for k, v in value.items()} \
+                if isinstance(value, dict) else value
+        elif key in BOUNDS and isinstance(value, int) and value > LARGEST_BOUND:
+            continue
+        elif key in ANNOTATIONS or key in ("enum", "const", "required"):
+            out[key] = value
+        elif (sub := _any_for_annotations(value)) != {} or key != "items":
+            out[key] = sub  # `items: {}` trips the converter; no `items` means the same
+    return out
 
 
 @lru_cache(maxsize=64)
