@@ -38,7 +38,7 @@ def test_the_end_releases_what_was_held() -> None:
 def test_the_earliest_of_several_stops_wins() -> None:
     s = TextStream(["b", "abc"])
     assert s.feed(b"xxabc") == "xx"
-    assert s.stopped
+    assert s.stopped and s.matched == "abc"  # what Anthropic's stop_sequence reports
 
 
 def test_a_character_cut_by_the_end_goes_out_as_u_fffd_of_the_last_token() -> None:
