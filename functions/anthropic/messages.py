@@ -13,6 +13,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
+from functions.anthropic import answers as a
 from functions.anthropic.errors import body as error_body
 from functions.anthropic.protocol import CountTokensRequest, MessagesRequest
 from functions.anthropic.render import MessageEvents
@@ -30,7 +31,8 @@ bp = Blueprint("anthropic", __name__)
 
 
 @bp.post("/messages")
-@operation("Create a message (Anthropic's Messages API)", body=MessagesRequest, media=STREAM)
+@operation("Create a message (Anthropic's Messages API)", body=MessagesRequest,
+           response=a.Message, media=STREAM, errors=a.Error)
 async def create() -> Any:
     st = state()
     req = await parse_body(MessagesRequest)
@@ -52,7 +54,8 @@ async def create() -> Any:
 
 
 @bp.post("/messages/count_tokens")
-@operation("Count a message request's input tokens", body=CountTokensRequest)
+@operation("Count a message request's input tokens", body=CountTokensRequest,
+           response=a.TokenCount, errors=a.Error)
 async def count_tokens() -> Any:
     st = state()
     req = await parse_body(CountTokensRequest)

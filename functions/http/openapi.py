@@ -39,6 +39,7 @@ class Operation:
     response: type[BaseModel] | None = None
     media: str | None = None  # another type the answer may come as (SSE, or text for /metrics)
     status: int = 200
+    errors: type[BaseModel] = ErrorResponse  # the error shape (Anthropic's routes have their own)
 
 
 def operation(summary: str, **details: Any) -> Any:
@@ -62,7 +63,8 @@ def document(app: Quart) -> dict[str, Any]:
         ops += [(path, m.lower(), op) for m in sorted(rule.methods or ()) if m not in ("HEAD", "OPTIONS")]
 
     inputs = {m for _, _, op in ops for m in (op.body, op.form, op.query) if m is not None}
-    outputs = {op.response for _, _, op in ops if op.response is not None} | {ErrorResponse}
+    outputs = {op.response for _, _, op in ops if op.response is not None} | \
+        {op.errors for _, _, op in ops}
     refs, defs = models_json_schema(
         [(m, "validation") for m in inputs] + [(m, "serialization") for m in outputs],
         ref_template="#/components/schemas/{model}")
@@ -79,8 +81,9 @@ def document(app: Quart) -> dict[str, Any]:
             "tags": [_tag(path)],
             "operationId": f"{method}_{re.sub(r'[^a-zA-Z0-9]+', '_', path).strip('_')}",
             "responses": {str(op.status): _answer(op, refs), "default": {
-                "description": "An error, in OpenAI's shape",
-                "content": {"application/json": {"schema": refs[(ErrorResponse, "serialization")]}},
+                "description": "An error, in OpenAI's shape" if op.errors is ErrorResponse
+                else "An error, in Anthropic's shape",
+                "content": {"application/json": {"schema": refs[(op.errors, "serialization")]}},
             }},
         }
         params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
