@@ -272,7 +272,7 @@ def test_agents_sdk_calls_a_function_tool(base_url: str) -> None:
         agent = Agent(name="weather", instructions="Use get_weather to answer.", model=model,
                       tools=[get_weather], tool_use_behavior="stop_on_first_tool",
                       model_settings=ModelSettings(tool_choice="required", max_tokens=60,
-                                                   temperature=0))
+                                                   temperature=0, parallel_tool_calls=False))
         called = await Runner.run(agent, "What is the weather in Paris?")
         plain = Agent(name="plain", instructions="Be brief.", model=model,
                       model_settings=ModelSettings(max_tokens=200, temperature=0))
