@@ -22,8 +22,10 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import httpx
 import orjson
@@ -37,32 +39,38 @@ from ferry.redis_server import free_port  # noqa: E402
 async def chat(client: httpx.AsyncClient, prompt: str, tokens: int, t0: float) -> Sample:
     body = {"model": BUNDLED, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": tokens, "temperature": 0, "stream_options": {"include_usage": True}}
-    stamps, used = [], 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = orjson.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter())
-            if chunk.get("usage"):
-                used = chunk["usage"]["completion_tokens"]
-    return sample(stamps, used, t0)
+
+    def read(data: dict[str, Any]) -> tuple[bool, int | None]:
+        text = bool(data.get("choices") and data["choices"][0]["delta"].get("content"))
+        return text, data["usage"]["completion_tokens"] if data.get("usage") else None
+
+    return await timed(client, "/v1/chat/completions", body, read, t0)
 
 
 async def responses(client: httpx.AsyncClient, prompt: str, tokens: int, t0: float) -> Sample:
     body = {"model": BUNDLED, "input": prompt, "stream": True, "max_output_tokens": tokens,
             "temperature": 0, "store": False}
+
+    def read(data: dict[str, Any]) -> tuple[bool, int | None]:
+        text = data["type"] == "response.output_text.delta" and bool(data["delta"])
+        ended = data["type"] in ("response.completed", "response.incomplete")
+        return text, data["response"]["usage"]["output_tokens"] if ended else None
+
+    return await timed(client, "/v1/responses", body, read, t0)
+
+
+async def timed(client: httpx.AsyncClient, path: str, body: dict[str, Any],
+                read: Callable[[dict[str, Any]], tuple[bool, int | None]], t0: float) -> Sample:
+    """Stream `body` to `path`; `read` says of each event whether it carried text, and the
+    output tokens once its usage comes."""
     stamps, used = [], 0
-    async with client.stream("POST", "/v1/responses", json=body) as r:
+    async with client.stream("POST", path, json=body) as r:
         async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = orjson.loads(line[6:])
-            if event["type"] == "response.output_text.delta" and event["delta"]:
-                stamps.append(time.perf_counter())
-            elif event["type"] in ("response.completed", "response.incomplete"):
-                used = event["response"]["usage"]["output_tokens"]
+            if line.startswith("data: {"):
+                text, tokens = read(orjson.loads(line[6:]))
+                if text:
+                    stamps.append(time.perf_counter())
+                used = tokens if tokens is not None else used
     return sample(stamps, used, t0)
 
 

@@ -22,7 +22,7 @@ from functions.http import sse
 from functions.http.body import parse_body
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
-from functions.queue.reader import JobStream
+from functions.queue.reader import JobStream, count_prompt
 from functions.queue.submit import JobMeta, submit
 from shared.errors import FerryError
 from shared.registry import models
@@ -62,13 +62,7 @@ async def count_tokens() -> Any:
     model = await models.get_or_bundled(st.redis, req.model or st.settings.default_model,
                                        st.settings.models_path)
     job = req.job(model.id, count_only=True)
-    await submit(st.redis, job, JobMeta(id=job.id, kind=job.kind, model=model.id,
-                                        created=int(time.time())), st.settings)
-    async with JobStream(st.redis, st.streams, job.id, model.id, st.settings) as stream:
-        async for _ in stream:
-            pass
-    assert stream.final is not None
-    return {"input_tokens": stream.final.usage.prompt_tokens}
+    return {"input_tokens": await count_prompt(st.redis, st.streams, job, st.settings)}
 
 
 async def _stream(stream: JobStream, events: MessageEvents) -> Response:

@@ -14,8 +14,6 @@ from functions.responses.stored import ResponseRecord
 from shared.errors import InvalidRequest
 from shared.jobs import Delta, GenerationJob, Usage
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-
 
 def request_of(endpoint: str, body: dict[str, Any]
                ) -> ChatCompletionRequest | CompletionRequest | CreateResponse:

@@ -18,11 +18,11 @@ from arq.connections import ArqRedis
 
 from functions.queue.handle import JobState, job_state, request_cancel, withdraw
 from functions.queue.hub import Follow, StreamHub
-from functions.queue.submit import JobMeta
+from functions.queue.submit import JobMeta, submit
 from shared import keys
 from shared.errors import NotFound, NoWorker, WorkerLost
 from shared.fleet import liveness
-from shared.jobs import Delta, Error, Final, decode
+from shared.jobs import Delta, Error, Final, GenerationJob, decode
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,19 @@ class JobStream:
                        Error.of(error))
         log.warning("job %s abandoned: %s", self.job_id, error.message)
         raise error
+
+
+async def count_prompt(redis: ArqRedis, hub: StreamHub, job: GenerationJob, settings: Settings
+                       ) -> int:
+    """Run a count-only job (`job.count_only`) and return its prompt tokens: what the worker's
+    own template and tokenizer make of it, as the same request's usage would count them."""
+    meta = JobMeta(id=job.id, kind=job.kind, model=job.model, created=int(time.time()))
+    await submit(redis, job, meta, settings)
+    async with JobStream(redis, hub, job.id, job.model, settings) as stream:
+        async for _ in stream:
+            pass
+    assert stream.final is not None
+    return stream.final.usage.prompt_tokens
 
 
 async def read_all(redis: ArqRedis, job_id: str) -> list[Delta | Final | Error]:

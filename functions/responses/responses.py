@@ -23,7 +23,7 @@ from functions.http.body import invalid, parse_body, parse_query
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
 from functions.queue.handle import JobState, call_off_cancel, job_state, request_cancel, withdraw
-from functions.queue.reader import JobStream, has_ended, read_all
+from functions.queue.reader import JobStream, count_prompt, has_ended, read_all
 from functions.queue.submit import JobMeta, submit
 from functions.responses import answers as a
 from functions.responses import stored
@@ -32,7 +32,7 @@ from functions.responses.protocol import CreateResponse, InputTokensRequest
 from functions.responses.stored import ResponseRecord
 from shared import keys
 from shared.errors import Cancelled, FerryError, InvalidRequest, NotFound, WorkerLost
-from shared.jobs import Delta, Error, Final, GenerationJob
+from shared.jobs import Delta, Error, Final
 from shared.registry import models
 
 bp = Blueprint("responses", __name__)
@@ -106,19 +106,8 @@ async def input_tokens() -> Any:
     context = await _chain(req.previous_response_id, caller())
     job = body.to_job(model.id, context + body.items())
     job.count_only = True
-    return {"object": "response.input_tokens", "input_tokens": await count_tokens(job)}
-
-
-async def count_tokens(job: GenerationJob) -> int:
-    """A count-only job's answer: the prompt tokens its worker's template and tokenizer make."""
-    st = state()
-    meta = JobMeta(id=job.id, kind=job.kind, model=job.model, created=int(time.time()))
-    await submit(st.redis, job, meta, st.settings)
-    async with JobStream(st.redis, st.streams, job.id, job.model, st.settings) as stream:
-        async for _ in stream:
-            pass
-    assert stream.final is not None
-    return stream.final.usage.prompt_tokens
+    return {"object": "response.input_tokens",
+            "input_tokens": await count_prompt(st.redis, st.streams, job, st.settings)}
 
 
 @bp.get("/responses/<response_id>")

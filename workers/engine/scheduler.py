@@ -235,11 +235,11 @@ class Scheduler:
             done = task.finished
             messages: list[Delta | Final] = list(task.deltas)
             task.deltas = []
-            if task.deltas_sent == 0 and messages and isinstance(messages[0], Delta):
+            if not task.started and messages and isinstance(messages[0], Delta):
                 # What the prompt came to, known now: for APIs that say it before the answer.
                 messages[0].usage = Usage(prompt_tokens=task.usage.prompt_tokens,
                                           cached_tokens=task.usage.cached_tokens)
-            task.deltas_sent += len(messages)
+                task.started = True
             if done:
                 task.outcome = Outcome.CANCELLED if task.cancelled else Outcome.COMPLETED
                 if task.outcome is Outcome.COMPLETED:

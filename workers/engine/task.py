@@ -57,7 +57,7 @@ class Task:
         self.busy = 0  # sequences working for this task
         self.usage = Usage()
         self.deltas: list[Delta] = []  # this step's messages
-        self.deltas_sent = 0  # messages handed out so far (the first carries the prompt usage)
+        self.started = False  # its first delta went out (that one carries the prompt usage)
         self.outcome: Outcome | None = None  # set when its last message is handed out
 
     @property

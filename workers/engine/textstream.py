@@ -38,10 +38,10 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         held = self._held
-        found = [(i, s) for s in self.stops if (i := held.find(s)) >= 0]
-        cut = min(found)[0] if found else -1
+        cut, stop = min(((i, s) for s in self.stops if (i := held.find(s)) >= 0),
+                        default=(-1, None))
         if cut >= 0:
-            self.stopped, self.matched = True, min(found)[1]
+            self.stopped, self.matched = True, stop
             out, self._held = held[:cut], ""
         else:
             keep = 0 if final else _partial_stop(held, self.stops)
