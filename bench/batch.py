@@ -4,17 +4,22 @@ requests' time to first token.
 Starts a private Redis, a Ferry worker and a web process on loopback (as bench/stream.py does),
 then: interactive TTFT on the idle server (--probes streams, one at a time), the batch alone
 (upload → create → completed), and the same batch again with the same probes fired while it runs.
+With --peer, llama-server (from `make peers`; same GGUF, threads, slots and context) also gets
+the same requests from a client at --concurrency, after the batch alone, in the same run.
 
     python bench/batch.py [--lines 1000] [--tokens 16] [--probes 20] [--parallel 8] [--gpu N]
+                          [--peer] [--concurrency 8] [--threads N] [--rounds 1]
 
-Prints the batch's wall time and requests/s and tokens/s, and TTFT p50/p95 idle and during the
-batch.
+Prints each round's wall time and output tokens/s (from usage) for the batch and the peer, the
+per-round ratios and their median, and TTFT p50/p95 idle and during the batch (the last round's
+batch figures in the summary line).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -26,17 +31,19 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.stream import Processes, pct, redis_url  # noqa: E402
+from bench.stream import PEERS, Processes, device_env, pct, redis_url  # noqa: E402
 from ferry.redis_server import free_port  # noqa: E402
+from shared.registry.models import resolve  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
 
-def batch_file(lines: int, tokens: int) -> bytes:
+def batch_file(lines: int, tokens: int, tag: str) -> bytes:
+    """`lines` chat requests, each its own prompt (`tag` keeps runs apart: no prompt cache hit)."""
     return b"".join(orjson.dumps({
         "custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": MODEL, "max_tokens": tokens, "ignore_eos": True, "messages": [
-            {"role": "user", "content": f"Request {i}: write a sentence about the sea."}]},
+            {"role": "user", "content": f"{tag} request {i}: write a sentence about the sea."}]},
     }) + b"\n" for i in range(lines))
 
 
@@ -50,6 +57,34 @@ def run_batch(http: httpx.Client, data: bytes) -> tuple[float, dict[str, object]
         time.sleep(0.25)
         batch = http.get(f"/v1/batches/{batch['id']}").json()
     return time.perf_counter() - start, batch
+
+
+def run_peer(url: str, data: bytes, concurrency: int) -> tuple[float, int]:
+    """The batch's request bodies sent to `url` by `concurrency` clients: wall, output tokens."""
+    bodies = [orjson.loads(line)["body"] for line in data.splitlines()]
+    tokens = 0
+    lock = threading.Lock()
+
+    def client() -> None:
+        nonlocal tokens
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                with lock:
+                    if not bodies:
+                        return
+                    body = bodies.pop()
+                r = http.post("/v1/chat/completions", json=body)
+                r.raise_for_status()
+                with lock:
+                    tokens += r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    return time.perf_counter() - start, tokens
 
 
 def ttft(http: httpx.Client, i: int) -> float:
@@ -82,24 +117,55 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=20)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--gpu", type=int)
+    p.add_argument("--peer", action="store_true", help="also llama-server, driven by a client")
+    p.add_argument("--concurrency", type=int, default=8, help="the peer's client concurrency")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="both sides")
+    p.add_argument("--ctx", type=int, default=4096, help="context, shared by the sequences")
+    p.add_argument("--rounds", type=int, default=1, help="batch-alone (and peer) runs")
     args = p.parse_args()
+    if args.peer and not (PEERS / "llama-server").is_file():
+        p.error(f"{PEERS / 'llama-server'} is missing: run `make peers` first")
     logs = Path(tempfile.mkdtemp(prefix="ferry-batch-bench-"))
     env = dict(os.environ)
     port = free_port()
     with redis_url(env, logs) as url, Processes(logs) as procs:
         fenv = dict(os.environ, REDIS_URL=url, FERRY_DATA_DIR=str(logs / "data"),
-                    FERRY_PARALLEL=str(args.parallel), PYTHONUNBUFFERED="1")
+                    FERRY_PARALLEL=str(args.parallel), FERRY_N_THREADS=str(args.threads),
+                    FERRY_CTX_LEN=str(args.ctx), FERRY_N_BATCH="512", PYTHONUNBUFFERED="1")
         ferry = [sys.executable, "-m", "ferry"]
         device = ["--gpu", str(args.gpu)] if args.gpu is not None else ["--cpu"]
         procs.start("ferry-worker", [*ferry, "worker", "--model", MODEL, *device], fenv)
         procs.start("ferry-web", [*ferry, "web", "--port", str(port)], fenv)
         base = f"http://127.0.0.1:{port}"
         procs.wait_healthy("ferry-web", base)
+        peer = f"http://127.0.0.1:{(peer_port := free_port())}"
+        if args.peer:
+            procs.start("llama-server", [
+                str(PEERS / "llama-server"), "-m", resolve(MODEL, Path("/nonexistent")).path,
+                "--host", "127.0.0.1", "--port", str(peer_port), "-np", str(args.parallel),
+                "-kvu", "-c", str(args.ctx), "-b", "512", "-ub", "512", "-t", str(args.threads),
+                "-tb", str(args.threads), "-ngl", "999" if args.gpu is not None else "0",
+                "--alias", MODEL, "--no-webui"], device_env(args.gpu))
+            procs.wait_healthy("llama-server", peer)
         with httpx.Client(base_url=base, timeout=600) as http:
             probes(http, 3)  # warm up
             idle = probes(http, args.probes)
-            data = batch_file(args.lines, args.tokens)
-            alone_s, batch = run_batch(http, data)
+            if args.peer:
+                run_peer(peer, batch_file(16, 4, "Warm"), args.concurrency)
+            ratios = []
+            for rnd in range(args.rounds):  # each round: Ferry's batch alone, then the peer
+                time.sleep(11)  # past the worker's hold for interactive requests: alone
+                alone_s, batch = run_batch(http, batch_file(args.lines, args.tokens, f"Alone{rnd}"))
+                tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
+                line = f"round {rnd}: ferry {alone_s:.1f} s ({tokens / alone_s:.0f} tokens/s)"
+                if args.peer:
+                    peer_s, peer_tokens = run_peer(
+                        peer, batch_file(args.lines, args.tokens, f"Peer{rnd}"), args.concurrency)
+                    ratios.append((tokens / alone_s) / (peer_tokens / peer_s))
+                    line += (f", llama-server {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
+                             f", ratio {ratios[-1]:.2f}")
+                print(line, flush=True)
+            data = batch_file(args.lines, args.tokens, "Probed")
             during: list[float] = []
             prober = httpx.Client(base_url=base, timeout=600)
             runner = threading.Thread(target=lambda: during.extend(
@@ -109,11 +175,14 @@ def main() -> None:
             runner.join()
             prober.close()
         counts = batch["request_counts"]
-        tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
         print(f"batch of {args.lines} chat requests x {args.tokens} tokens: {alone_s:.1f} s "
               f"({counts['completed']} completed, {counts['failed']} failed; "  # type: ignore[index]
               f"{args.lines / alone_s:.1f} requests/s, {tokens / alone_s:.0f} tokens/s); "
               f"with probes: {loaded_s:.1f} s")
+        if ratios:
+            print(f"ferry / llama-server (client at concurrency {args.concurrency}) output "
+                  f"tokens/s, per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+                  f"median {statistics.median(ratios):.2f}x")
         print(f"interactive TTFT idle:         p50 {pct(idle, 0.5) * 1000:.0f} ms, "
               f"p95 {pct(idle, 0.95) * 1000:.0f} ms ({len(idle)} probes)")
         print(f"interactive TTFT during batch: p50 {pct(during, 0.5) * 1000:.0f} ms, "

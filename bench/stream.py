@@ -48,6 +48,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ferry.lifeline import die_with_parent  # noqa: E402
 from ferry.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from shared.registry.models import resolve  # noqa: E402
 
@@ -144,7 +145,8 @@ class Side:
             return time.perf_counter() - start
 
 
-# The processes: each in its own session, so Ctrl-C reaches only this script, which stops them.
+# The processes: each in its own session, so Ctrl-C reaches only this script, which stops them;
+# each also ends if this script dies some other way (SIGKILL, say).
 
 class Processes(ExitStack):
     def __init__(self, logs: Path) -> None:
@@ -155,7 +157,8 @@ class Processes(ExitStack):
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = self.enter_context((self.logs / f"{name}.log").open("wb"))
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with_parent)
         self.procs[name] = proc
         self.callback(stop, proc)
 

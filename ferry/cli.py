@@ -10,6 +10,15 @@ import signal
 from shared.settings import Settings
 
 
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        """The help, with the llama.cpp build it would run on. Read only when help is shown:
+        loading llama.cpp costs every web process memory, and on a GPU node a CUDA context."""
+        from workers.engine import backend
+
+        return f"{super().format_help()}\nllama.cpp build: {backend.describe()}\n"
+
+
 def _settings_help() -> str:
     lines = ["settings (environment or .env; prefix FERRY_, plus REDIS_URL):"]
     for name, field in Settings.model_fields.items():
@@ -20,7 +29,7 @@ def _settings_help() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ferry",
         description="Self-hosted, OpenAI-compatible LLM inference on llama.cpp.",
         epilog=_settings_help(),
@@ -69,14 +78,15 @@ def parser() -> argparse.ArgumentParser:
         "name")
     batch = sub.add_parser("batch", help="batches over HTTP: submit, list, get, cancel")
     batch_verbs = batch.add_subparsers(dest="verb", required=True)
-    where = argparse.ArgumentParser(add_help=False)
+    where = _Parser(add_help=False)
     where.add_argument("--url", help="Ferry's address (default: http://FERRY_HOST:FERRY_PORT); "
                        "FERRY_API_KEY is sent as the bearer")
     submit = batch_verbs.add_parser("submit", parents=[where],
                                     help="upload a .jsonl of requests and start a batch")
     submit.add_argument("file")
     submit.add_argument("--endpoint", default="/v1/chat/completions",
-                        choices=["/v1/chat/completions", "/v1/completions"])
+                        choices=["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                 "/v1/embeddings"])
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     batch_verbs.add_parser("list", parents=[where], help="your batches, newest first")
     for verb, what in (("get", "one batch"), ("cancel", "cancel a batch")):

@@ -2,12 +2,12 @@
 
 Children run in their own sessions, so Ctrl-C reaches only the supervisor, which stops them in
 order (web and workers first, Redis last). A child that dies is restarted. Each child also gets
-SIGTERM from the kernel if the supervisor itself dies, so nothing is left behind.
+SIGTERM from the kernel if the supervisor itself dies, the embedded Redis too, so nothing is left
+behind (`ferry.lifeline`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -16,22 +16,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ferry.lifeline import die_with_parent
 from ferry.models_cli import URL_FILE
 from ferry.redis_server import EmbeddedRedis
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask Linux to SIGTERM us when the supervisor dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (AttributeError, OSError):
-        pass  # not Linux: the supervisor's own shutdown still stops the children
 
 
 @dataclass
@@ -45,7 +37,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+            self.argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent
         )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)

@@ -17,7 +17,7 @@ from functions.batch.runner import BatchRunner
 from functions.context import LOCAL_USER, FerryState
 from functions.http import cors, openapi
 from functions.identity import auth, login, ratelimit, users
-from functions.openai import completions, models_api, tokenize
+from functions.openai import completions, embeddings, models_api, tokenize
 from functions.ops import health, metrics, status
 from functions.queue.hub import StreamHub
 from functions.responses import responses
@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> Quart:
         st.redis = await connect(settings.redis_url)
         await assistants.ensure_default(st.redis, LOCAL_USER)
         st.batches = BatchRunner(st)
-        st.streams = StreamHub(st.redis)
+        st.streams = StreamHub(st.redis, settings.redis_outage_s)
 
     @app.after_serving
     async def close_redis() -> None:
@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> Quart:
         name = prefix.strip("/").replace("/", "_")
         for bp in (completions.bp, models_api.bp, tokenize.bp, assistants.bp, threads.bp, runs.bp,
                    conversations.bp, status.bp, users.bp, files.bp, batches.bp, responses.bp,
-                   messages.bp):
+                   messages.bp, embeddings.bp):
             app.register_blueprint(bp, url_prefix=prefix, name=f"{bp.name}_{name}")
     app.register_blueprint(tokenize.bp)  # /extras/... as in Jan's local API
     app.register_blueprint(health.bp)

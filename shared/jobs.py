@@ -6,7 +6,7 @@ one JSON message from a closed set:
 
 - ``delta``  a piece of one choice's text (and its logprobs), or of one of its tool calls; the
              last one of a choice carries ``finish_reason``
-- ``final``  the job is done; carries usage
+- ``final``  the job is done; carries usage (and, for an embedding job, its vectors)
 - ``error``  the job failed; carries an OpenAI-style error with its HTTP status
 
 The stream's entry ids double as SSE event ids, so a client can resume with ``Last-Event-ID``.
@@ -69,6 +69,18 @@ class Tools(BaseModel):
         return next((f for f in self.functions if f["name"] == self.forced), None)
 
 
+class Route(BaseModel):
+    """Where the handler sent a job (`functions.queue.route`): the worker, and why.
+
+    ``hit``: the worker's caches held the longest start of the prompt (``blocks`` of it);
+    ``miss``: none held more than another, so the least-loaded worker; ``busy``: the worker
+    holding it ran past ``FERRY_ROUTE_MAX_LOAD``, so the least-loaded one instead."""
+
+    worker: str
+    decision: Literal["hit", "miss", "busy"]
+    blocks: int = 0
+
+
 class GenerationJob(BaseModel):
     """One chat or text completion request, as a worker runs it."""
 
@@ -88,10 +100,30 @@ class GenerationJob(BaseModel):
     truncate: bool = False  # chat: drop the oldest turns until the prompt fits the context
     count_only: bool = False  # count the prompt's tokens (`final` usage), generate nothing
     clamp: bool = False  # max_tokens is a ceiling: held to the room the prompt leaves
+    background: bool = False  # a batch line: behind every interactive job, in queue and engine
+    session: str | None = None  # a client's conversation key (prompt_cache_key, a thread, ...)
+    prefixes: list[str] = []  # hashes of the prompt's starts (`shared.fleet.cache_map`)
+    route: Route | None = None  # the worker the handler chose, when more than one serves
 
     @property
     def choice_count(self) -> int:
         return self.n * (len(self.prompts) if self.kind == "text" else 1)
+
+
+class EmbeddingJob(BaseModel):
+    """One `/v1/embeddings` request: each input a text or its token ids, embedded as one sequence."""
+
+    v: Literal[1] = WIRE_VERSION
+    id: str
+    model: str
+    kind: Literal["embed"] = "embed"
+    inputs: list[str | list[int]]
+    keep_s: int | None = None
+    background: bool = False  # a batch line: queued behind every interactive job
+
+    @property
+    def choice_count(self) -> int:
+        return len(self.inputs)
 
 
 class Logprobs(BaseModel):
@@ -144,6 +176,8 @@ class Delta(BaseModel):
 class Final(BaseModel):
     kind: Literal["final"] = "final"
     usage: Usage
+    # An embedding job's vectors in input order: little-endian float32, L2-normalised, base64.
+    embeddings: list[str] = []
 
 
 class Error(WireError):
@@ -168,6 +202,23 @@ def is_cancelled(value: bytes | None) -> bool:
     if value is None:
         return False
     return not value.startswith(b"at:") or float(value[3:]) <= time.time()
+
+
+def entry_id(ms: int, n: int) -> str:
+    """The stream entry id of a job's `n`-th message (from 1), written at `ms`: a worker names
+    every entry, so a reader tells a gap (`entry_number`) and a write sent twice adds one entry."""
+    return f"{ms}-{n}"
+
+
+def entry_parts(entry: str | bytes) -> tuple[int, int]:
+    """A stream entry id as (ms, sequence), the order Redis keeps; "5" is (5, 0)."""
+    ms, _, seq = (entry.decode() if isinstance(entry, bytes) else entry).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entry_number(entry: str | bytes) -> int:
+    """Which of its job's messages an entry id names (0: before the first)."""
+    return entry_parts(entry)[1]
 
 
 def encode(message: Delta | Final | Error) -> bytes:

@@ -15,6 +15,11 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:reply:{id}``              list a command's answer is pushed to
 - ``ferry:model:{model}:workers``   set of worker ids that serve the model (stale ids pruned on read)
 - ``ferry:model:{model}:starting``  present while a start of the model is under way (one at a time)
+- ``ferry:model:{model}:load``      hash: worker id -> the model's jobs it runs now
+- ``ferry:model:{model}:prefer``    hash: queued job id -> the worker it was routed to (until taken)
+- ``ferry:wake:{model}:{worker}``   wake list of one worker, for a job routed to it
+- ``ferry:cache:{model}:{worker}``  set: prefix hashes of the prompts the worker's caches hold
+                                    (`shared.fleet.cache_map`); expires with its heartbeat
 - ``ferry:models``                  hash: model id -> model record (JSON)
 - ``ferry:download:{model}``        hash: a download's progress (bytes done/total, speed, state)
 - ``ferry:download:{model}:cancel`` present when the download should stop
@@ -36,6 +41,8 @@ Layout (all strings, `{…}` filled in by the functions below):
 - ``ferry:metrics:requests``        hash: "method, route, status" -> requests served
 - ``ferry:metrics:jobs``            hash: "model, outcome" -> jobs
 - ``ferry:metrics:tokens``          hash: model -> completion tokens generated
+- ``ferry:metrics:routes``         hash: "model, decision" -> jobs routed so; "…, cached" -> their
+                                    prompt tokens the worker found cached
 - ``ferry:metrics:{kind}:{model}``  hash: a histogram's cumulative buckets, "+Inf" and "sum"
 - ``ferry:batches``                 set of batch ids not yet finished (a batch runner drives each)
 - ``ferry:batch:{id}:lease``        the web process driving the batch now (expires if it dies)
@@ -113,6 +120,22 @@ def model_starting(model: str) -> str:
     return f"{PREFIX}:model:{model}:starting"
 
 
+def model_load(model: str) -> str:
+    return f"{PREFIX}:model:{model}:load"
+
+
+def model_prefer(model: str) -> str:
+    return f"{PREFIX}:model:{model}:prefer"
+
+
+def wake_worker(model: str, worker_id: str) -> str:
+    return f"{PREFIX}:wake:{model}:{worker_id}"
+
+
+def cache_map(model: str, worker_id: str) -> str:
+    return f"{PREFIX}:cache:{model}:{worker_id}"
+
+
 SEQ = f"{PREFIX}:seq"
 
 
@@ -176,6 +199,7 @@ METRICS_REQUESTS = f"{PREFIX}:metrics:requests"
 METRICS_JOBS = f"{PREFIX}:metrics:jobs"
 METRICS_TOKENS = f"{PREFIX}:metrics:tokens"
 METRICS_NO_WORKER = f"{PREFIX}:metrics:no_worker"
+METRICS_ROUTES = f"{PREFIX}:metrics:routes"
 
 
 def metrics_histogram(kind: str, model: str) -> str:

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Unload a model idle this long (0: keep it loaded)"
     )
 
+    cache_routing: bool = Field(
+        True, description="With several workers on a model, send a chat's next turn to the "
+        "worker whose prompt cache holds its history (off: any worker takes any job)")
+    route_max_load: float = Field(
+        1.0, gt=0, description="A worker running (or routed) this share of its sequences or more "
+        "gets no more turns for its cache: the least-loaded worker takes them")
+    route_wait_ms: int = Field(
+        500, ge=0, description="How long other workers leave a job routed to one worker, before "
+        "whichever is free may take it")
+
     # Model downloads
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// sources")
     s3_region: str = Field("us-east-1", description="S3 region")
@@ -114,6 +124,10 @@ class Settings(BaseSettings):
         "first token and its end go at once; when decode steps are longer, every two steps, up "
         "to 4 times this). Each write wakes Redis, the web process and the clients: longer "
         "gives more throughput on a busy CPU, shorter a smoother stream; 0: every step")
+    redis_outage_s: float = Field(
+        30.0, gt=0, description="How long a Redis restart may take: workers hold their streams' "
+        "messages and web processes keep their streams open (pinging) this long, then give up "
+        "with an error")
     heartbeat_s: float = Field(1.0, gt=0, description="Worker heartbeat interval")
     heartbeat_ttl_s: float = Field(
         3.0, gt=0, description="A worker silent this long counts as dead"
@@ -145,7 +159,8 @@ class Settings(BaseSettings):
     batch_window_s: float = Field(
         86400.0, gt=0, description="How long a batch may run ('24h', the only completion_window)")
     batch_reserve: int = Field(
-        2, ge=0, description="Sequences per worker that batch lines leave to interactive requests")
+        2, ge=0, description="Sequences per worker that batch lines leave free while interactive "
+        "requests come in (one in the last 10 s); with none, a batch may fill every sequence")
 
     @property
     def models_path(self) -> Path:

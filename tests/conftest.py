@@ -4,11 +4,17 @@ A Redis is started on a free port unless REDIS_URL is set. Processes are started
 and shared, and only when a test asks for one (tests/unit asks for none); tests that kill a worker
 start their own, serving the same GGUF under another id. Helpers are in tests/helpers.py.
 FERRY_TEST_WORKER_ARGS adds arguments to every worker the tests start (`--gpu 0` runs them on a GPU).
+
+Every process a test starts inherits FERRY_TEST_SESSION; when the session ends, any process still
+carrying it (a Redis, a Ferry process, moto, the OIDC provider) fails the run, and is killed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +23,42 @@ import pytest
 import redis
 
 from ferry.redis_server import EmbeddedRedis
-from tests.helpers import SMOLLM, Proc, own_model, start_web, start_worker
+from tests.helpers import MINILM, SMOLLM, Proc, own_model, start_web, start_worker
+
+SESSION_MARK = f"FERRY_TEST_SESSION={uuid.uuid4().hex}".encode()
+os.environ["FERRY_TEST_SESSION"] = SESSION_MARK.split(b"=")[1].decode()
+
+
+def leftovers() -> list[int]:
+    """Live processes this session started (they carry its mark), other than pytest's own."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            if pid == os.getpid() or SESSION_MARK not in environ.read_bytes().split(b"\0"):
+                continue
+            state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found.append(pid)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    deadline = time.monotonic() + 15  # children told to stop may take a moment
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        names = [(environ := Path(f"/proc/{p}/cmdline")).exists() and
+                 environ.read_bytes().replace(b"\0", b" ").decode()[:120] for p in left]
+        print(f"\nprocesses the tests started are still alive: {names}")
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
@@ -58,6 +99,14 @@ def env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
 @pytest.fixture(scope="session")
 def worker(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     proc = start_worker(env, SMOLLM, tmp_path_factory.mktemp("logs") / "worker.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def embedder(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """A second worker, serving the bundled embedding model (converted on its first load)."""
+    proc = start_worker(env, MINILM, tmp_path_factory.mktemp("logs") / "embedder.log")
     yield proc
     proc.stop()
 

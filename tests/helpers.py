@@ -23,6 +23,7 @@ from shared.redis import client
 from shared.registry import models
 
 SMOLLM = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"  # the bundled embedding model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from arq import Worker
@@ -18,26 +19,38 @@ from arq.utils import timestamp_ms
 from arq.worker import func
 
 from shared import keys
+from shared.fleet import cache_map
 from shared.jobs import AHEAD_MS
 from shared.redis import deserialize, redis_settings, serialize
+from workers.engine.engine import Engine
 from workers.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 WAKE_WAIT_S = 0.5  # longest an idle consumer sleeps without a wake-up (arq's own poll delay)
+# Batch lines leave `FERRY_BATCH_RESERVE` of a model's job slots to interactive jobs while one has
+# been seen this recently; with none for this long, a batch may take every slot.
+INTERACTIVE_HOLD_S = 10.0
 
 
 class FerryWorker(Worker):
-    """arq's worker, woken at once by a push on its model's wake list.
+    """arq's worker, woken at once by a push on its model's wake list, or its own.
 
     arq sleeps `poll_delay` between looks at the queue; a handler pushes to ``keys.wake(model)``
-    right after enqueueing, and an idle worker blocks on that list instead of sleeping, so a new
-    job starts within a Redis round trip rather than up to half a second later.
+    (or, for a job routed to one worker, to that worker's) right after enqueueing, and an idle
+    worker blocks on those lists instead of sleeping, so a new job starts within a Redis round trip
+    rather than up to half a second later.
     """
 
-    def __init__(self, *, wake_key: str, **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, **kwargs)
-        self.wake_key = wake_key
+    def __init__(self, *, model: str, worker_id: str, route_wait_ms: int, batch_reserve: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(poll_delay=0, queue_name=keys.queue(model), **kwargs)
+        self.worker_id = worker_id
+        self.wake_keys = [keys.wake_worker(model, worker_id), keys.wake(model)]
+        self.prefer_key = keys.model_prefer(model)
+        self.route_wait_ms = route_wait_ms
+        self.batch_reserve = batch_reserve
+        self.interactive_at = float("-inf")  # monotonic time an interactive job was last seen
         self._job_done = asyncio.Event()
 
     async def run_job(self, job_id: str, score: int) -> None:
@@ -51,10 +64,33 @@ class FerryWorker(Worker):
         # arq's queue holds running jobs too, and it tries each id in turn at four round trips
         # apiece: pass over this worker's own jobs, and those another worker runs (one MGET of
         # their in-progress keys). arq still checks each remaining id itself before taking it.
+        # The ids come lowest score first: interactive jobs, then batch lines (`AHEAD_MS`).
+        # A job routed to another worker is left to it for `route_wait_ms`.
         ids = [j for j in job_ids if j.decode() not in self.tasks]
-        if ids:
-            running = await self.pool.mget([keys.arq_in_progress(j.decode()) for j in ids])
-            await super().start_jobs([j for j, flag in zip(ids, running, strict=True) if flag is None])
+        if not ids:
+            return
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.mget([keys.arq_in_progress(j.decode()) for j in ids])
+            pipe.zmscore(self.queue_name, [j.decode() for j in ids])
+            pipe.hmget(self.prefer_key, [j.decode() for j in ids])
+            running, scores, routed = await pipe.execute()
+        now = timestamp_ms()
+        interactive_before = now - AHEAD_MS // 2
+        room = self.max_jobs - self.batch_reserve - self.job_counter  # for batch lines, in a hold
+        take = []
+        for job_id, flag, score, to in zip(ids, running, scores, routed, strict=True):
+            if flag is not None or score is None:  # another worker's, or gone
+                continue
+            if to is not None and to.decode() != self.worker_id \
+                    and now - (score + AHEAD_MS) < self.route_wait_ms:
+                continue  # routed (an interactive job) to another worker, which may yet take it
+            if score < interactive_before:
+                self.interactive_at = time.monotonic()
+            elif room <= 0 and time.monotonic() - self.interactive_at < INTERACTIVE_HOLD_S:
+                continue  # a batch line leaves the reserve to interactive jobs for now
+            take.append(job_id)
+            room -= 1
+        await super().start_jobs(take)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -64,7 +100,7 @@ class FerryWorker(Worker):
         await super()._poll_iteration()
         if self.job_counter < self.max_jobs and self.allow_pick_jobs:
             # Redis >= 6 takes fractional seconds; redis-py's hints say int.
-            await self.pool.blpop([self.wake_key], timeout=WAKE_WAIT_S)  # type: ignore[arg-type]
+            await self.pool.blpop(self.wake_keys, timeout=WAKE_WAIT_S)  # type: ignore[arg-type]
             return
         # Busy: sleep until a job ends rather than spin, which would steal the CPU and the GIL
         # from the generation thread.
@@ -82,17 +118,19 @@ class ModelConsumer:
         self._consume()
 
     def _consume(self) -> None:
+        from workers.embed import embed
         from workers.generate import generate
 
         loaded = self.loaded
         model = loaded.engine.record.id
         self.worker = FerryWorker(
-            wake_key=keys.wake(model),
-            functions=[func(generate, name="generate", max_tries=1)],
-            queue_name=keys.queue(model),
+            model=model, worker_id=loaded.worker_id, route_wait_ms=loaded.settings.route_wait_ms,
+            functions=[func(generate, name="generate", max_tries=1),
+                       func(embed, name="embed", max_tries=1)],
             redis_settings=redis_settings(self.redis_url),
             ctx={"ferry": loaded},
-            max_jobs=loaded.settings.parallel,  # the scheduler batches them; more wait in Redis
+            max_jobs=loaded.engine.capacity,  # the engine batches them; more wait in Redis
+            batch_reserve=min(loaded.settings.batch_reserve, loaded.engine.capacity - 1),
             job_timeout=loaded.settings.job_timeout_s,
             keep_result=60,
             job_serializer=serialize,
@@ -107,6 +145,18 @@ class ModelConsumer:
             error = None if self.task.cancelled() else self.task.exception()
             log.warning("consumer of %s stopped (%r); starting another", self.loaded.usage.id, error)
             self._consume()
+
+    async def publish_cache_map(self) -> None:
+        """Make this worker's cache map what the engine's caches hold now, alive until the next
+        heartbeat is due (`shared.fleet.cache_map`); an embedding model has none."""
+        engine, loaded = self.loaded.engine, self.loaded
+        if not isinstance(engine, Engine):
+            return
+        entries = engine.cache_entries().union(*loaded.claimed.values())  # those not started too
+        async with loaded.redis.pipeline(transaction=True) as pipe:
+            cache_map.replace(pipe, loaded.usage.id, loaded.worker_id, entries,
+                              loaded.settings.heartbeat_ttl_s)
+            await pipe.execute()
 
     def stop_taking(self) -> None:
         self.worker.allow_pick_jobs = False

@@ -35,6 +35,7 @@ from shared.redis import client, connect
 from shared.registry import models
 from shared.registry.models import ModelRecord
 from shared.settings import Settings
+from workers.engine import backend
 from workers.publish import Publisher
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class WorkerProcess:
         self.info = WorkerInfo(
             id=uuid.uuid4().hex[:12], pid=os.getpid(), device=device,
             capacity=settings.worker_memory or _device_memory(gpu, cpu),
-            max_models=settings.max_loaded_models,
+            max_models=settings.max_loaded_models, backend=backend.describe(),
         )
         self.consumers: dict[str, ModelConsumer] = {}
 
@@ -67,7 +68,8 @@ class WorkerProcess:
         self.redis: ArqRedis = await connect(self.url)
         self.stream_client = client(self.url)
         self.publisher = Publisher(self.stream_client, self.settings.stream_ttl_s,
-                                   self.settings.stream_interval_ms / 1000)
+                                   self.settings.stream_interval_ms / 1000,
+                                   self.settings.redis_outage_s)
         stop, hurry = asyncio.Event(), asyncio.Event()  # a first signal drains, a second hurries
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,8 +79,9 @@ class WorkerProcess:
         try:
             for spec in preload:
                 await self.load(spec)
-            log.info("worker %s on %s ready: %s (capacity %d MiB, at most %d models)",
-                     self.info.id, self.info.device, self.info.model_ids or "no models yet",
+            log.info("worker %s on %s (llama.cpp build: %s) ready: %s (capacity %d MiB, at most "
+                     "%d models)", self.info.id, self.info.device, self.info.backend,
+                     self.info.model_ids or "no models yet",
                      self.info.capacity >> 20, self.info.max_models)
             control = asyncio.create_task(self._control())
             await asyncio.wait([control, asyncio.create_task(stop.wait())],
@@ -97,6 +100,7 @@ class WorkerProcess:
     async def load(self, spec: str, evict: Sequence[str] = ()) -> str:
         """Load a model (an id, or a path for the command line); returns its id."""
         from workers.consumer import ModelConsumer
+        from workers.engine.embedder import Embedder
         from workers.engine.engine import Engine
         from workers.loaded_model import LoadedModel
 
@@ -114,10 +118,12 @@ class WorkerProcess:
             raise Unavailable(f"No room for '{record.id}' on worker {self.info.id}",
                               code="workers_busy")
         log.info("loading %s from %s", record.id, record.path)
-        engine = await asyncio.to_thread(Engine.load, record, self.settings, not self.cpu,
-                                         self.gpu is not None, self.publisher.post)
+        gpu, one_gpu = not self.cpu, self.gpu is not None
+        engine = await asyncio.to_thread(Embedder.load, record, self.settings, gpu, one_gpu) \
+            if record.embeds else await asyncio.to_thread(Engine.load, record, self.settings, gpu,
+                                                          one_gpu, self.publisher.post)
         record.ctx_len = engine.n_ctx
-        usage = ModelUsage(id=record.id, need=need, last_used=time.time())
+        usage = ModelUsage(id=record.id, need=need, last_used=time.time(), slots=engine.capacity)
         self.consumers[record.id] = ModelConsumer(LoadedModel(
             settings=self.settings, redis=self.redis, engine=engine,
             publisher=self.publisher, worker_id=self.info.id, usage=usage,
@@ -220,6 +226,8 @@ class WorkerProcess:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await liveness.beat(self.redis, self.info, self.settings.heartbeat_ttl_s)
+                for consumer in list(self.consumers.values()):
+                    await consumer.publish_cache_map()
             except Exception:  # a blip in Redis must not kill the worker; the next beat retries
                 log.warning("heartbeat failed", exc_info=True)
 
@@ -249,4 +257,9 @@ def run(settings: Settings, models_to_load: list[str], gpu: int | None, cpu: boo
     if gpu is not None:
         # Must happen before llama.cpp initialises CUDA, i.e. before the engine is imported.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if not backend.offloads():  # it would run on the CPU, sized by the GPU's memory
+            raise SystemExit(
+                f"--gpu {gpu}: this llama-cpp-python is a CPU-only build, so nothing would run "
+                "on the GPU. Rebuild it with CUDA (`make install CUDA=1`, or pip with "
+                "CMAKE_ARGS=-DGGML_CUDA=on), or start the worker with --cpu.")
     WorkerProcess(settings, gpu, cpu).run(models_to_load)

@@ -6,6 +6,12 @@ reads every one of those jobs' cancel flags: at once for a job's first token or 
 first token, and a short request's latency), otherwise at most every `interval_s`
 (`FERRY_STREAM_INTERVAL_MS`). When the scheduler says a job is done, its `JobOutput` resolves once
 the last of its messages is in Redis.
+
+Every message gets its entry id here, before it is first sent: `<ms>-<n>`, n counting the job's
+messages from 1, so a reader can tell a gap, and a write sent again after a lost connection adds
+nothing twice (Redis refuses an id it holds). While Redis is unreachable the messages wait here,
+in order, and the jobs go on generating; when it is back they are written. A job whose messages
+could not be written for `outage_s` (`FERRY_REDIS_OUTAGE_S`) is stopped, freeing its sequences.
 """
 
 from __future__ import annotations
@@ -21,10 +27,20 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.jobs import Delta, Final, Logprobs, StreamMessage, add_tool_call, encode, is_cancelled
+from shared.jobs import (
+    Delta,
+    Final,
+    Logprobs,
+    StreamMessage,
+    add_tool_call,
+    encode,
+    entry_id,
+    is_cancelled,
+)
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 0.25  # while Redis is unreachable: how often a write is tried again
 STEPS_PER_WRITE = 2  # decode steps a write of a stream's middle carries, at least
 MAX_STRETCH = 4  # ... unless that is longer than this many `interval_s`
 
@@ -50,6 +66,8 @@ class JobOutput:
         self.posted_at: float | None = None  # monotonic time the scheduler last posted
         self.expiry_set_at = float("-inf")  # monotonic time its stream's expiry was last set
         self.error: BaseException | None = None  # publishing failed
+        self.numbered = 0  # messages given an entry id so far
+        self.last_ms = 0  # the ms part of the last id given
         self._loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
 
@@ -76,12 +94,23 @@ class JobOutput:
             out.append(m)
         return out
 
+    def number(self, messages: Sequence[StreamMessage]) -> list[tuple[str, bytes]]:
+        """Each message encoded, with its entry id (`shared.jobs.entry_id`)."""
+        out = []
+        for message in messages:
+            self.numbered += 1
+            self.last_ms = max(self.last_ms, int(time.time() * 1000))
+            out.append((entry_id(self.last_ms, self.numbered), encode(message)))
+        return out
+
     def resolve(self) -> None:
         self._loop.call_soon_threadsafe(_set_done, self.done)
 
 
 # What the scheduler posts: one job's messages of a step, and whether the job has no more.
 Item = tuple[JobOutput, Sequence[StreamMessage], bool]
+# What is written: one job's messages, numbered, and whether they are its last.
+Entries = tuple[JobOutput, list[tuple[str, bytes]], bool]
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -101,10 +130,14 @@ class Publisher:
     20 ms, 0.35 every 50 ms. At 8 streams a step takes ~45 ms, so 50 ms meant a write per token.
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int, interval_s: float) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, interval_s: float,
+                 outage_s: float = 30.0) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.interval_s = interval_s
+        self.outage_s = outage_s
+        self.unwritten: list[Entries] = []  # in order; Redis was unreachable
+        self.down_since: float | None = None  # monotonic
         self.step_s = 0.0  # recent time between two posts of one job: about one decode step
         self._queue: queue.SimpleQueue[Item | None] = (
             queue.SimpleQueue())
@@ -121,9 +154,18 @@ class Publisher:
         self._queue.put((output, messages, done))
 
     def send(self, output: JobOutput, messages: Sequence[StreamMessage]) -> bool:
-        """Publish `messages` as they are, at once, on the caller's thread; returns whether the
-        client asked to stop."""
-        return self._write([(output, messages, True)])[output.job_id]
+        """Publish `messages` as they are, at once, on the caller's thread (a job's last, after
+        its stream: nothing of it waits in the publisher); returns whether the client asked to
+        stop. While Redis is unreachable it tries again, for up to `outage_s`."""
+        entries = [(output, output.number(messages), True)]
+        deadline = time.monotonic() + self.outage_s
+        while True:
+            try:
+                return self._write(entries)[output.job_id]
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RETRY_S)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -132,15 +174,23 @@ class Publisher:
     def _loop(self) -> None:
         last = 0.0
         while True:
-            items = self._gather(deadline=last + self._cadence())
+            wait = RETRY_S if self.unwritten else self._cadence()
+            items = self._gather(deadline=last + wait, block=not self.unwritten)
             last = time.monotonic()
             stop = None in items
-            batch = [i for i in items if i is not None]
+            batch = self.unwritten + _per_job([i for i in items if i is not None])
+            self.unwritten = []
             try:
-                cancelled = self._write(_per_job(batch))
+                cancelled = self._write(batch)
+                if self.down_since is not None:
+                    log.warning("Redis is back: wrote what waited (%d jobs)", len(cancelled))
+                self.down_since = None
                 for output, _, _ in batch:
                     output.cancelled = output.cancelled or cancelled[output.job_id]
-            except (redis.RedisError, OSError) as e:
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                self._hold(batch, e)
+                batch = []
+            except redis.RedisError as e:
                 log.warning("could not publish to Redis: %s", e)
                 for output, _, _ in batch:
                     output.error, output.cancelled = e, True
@@ -150,15 +200,41 @@ class Publisher:
             if stop:
                 return
 
+    def _hold(self, batch: list[Entries], error: BaseException) -> None:
+        """Redis is unreachable: keep `batch` to write when it is back, unless it has been
+        unreachable for `outage_s`; then every job waiting here stops (its sequences free)."""
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("Redis unreachable (%s): holding the streams' messages for up to %.0f s",
+                        error, self.outage_s)
+        if now - self.down_since < self.outage_s:
+            self.unwritten = batch
+            return
+        log.warning("Redis unreachable for %.0f s: stopping %d jobs", now - self.down_since,
+                    len({o.job_id for o, _, _ in batch}))
+        for output, _, done in batch:
+            output.error, output.cancelled = error, True
+            if done:
+                output.resolve()
+
     def _cadence(self) -> float:
         """How long the middle of streams waits between writes."""
         return min(max(self.interval_s, STEPS_PER_WRITE * self.step_s),
                    MAX_STRETCH * self.interval_s)
 
-    def _gather(self, deadline: float) -> list[Item | None]:
+    def _gather(self, deadline: float, block: bool = True) -> list[Item | None]:
         """What to write next: the queue's items up to `deadline` (let a few steps pile up: one
-        write, one wake-up of the readers), or up to the first that must go at once."""
-        items = [self._queue.get()]
+        write, one wake-up of the readers), or up to the first that must go at once. Not
+        `block`ing: the items that come by `deadline`, if any."""
+        items: list[Item | None] = []
+        if block:
+            items.append(self._queue.get())
+        else:
+            try:
+                items.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                return items
         while not _urgent(items[-1]) and (wait := deadline - time.monotonic()) > 0:
             try:
                 items.append(self._queue.get(timeout=wait))
@@ -170,36 +246,39 @@ class Publisher:
             except queue.Empty:
                 return items
 
-    def _write(self, batch: Sequence[Item]) -> dict[str, bool]:
+    def _write(self, batch: Sequence[Entries]) -> dict[str, bool]:
         """One pipeline: every message in order, the streams' expiry where it is due, and one
         MGET of the jobs' cancel flags. The expiry is renewed at a job's end and otherwise every
         quarter of its lifetime, not at every write: Redis' work per token is what limits how
-        many workers one Redis feeds."""
+        many workers one Redis feeds. An entry Redis holds already (written before a connection
+        dropped) is refused by its id, and left so."""
         jobs: dict[str, JobOutput] = {}
         now = time.monotonic()
         with self.client.pipeline(transaction=False) as pipe:
-            for output, messages, done in batch:
+            for output, entries, done in batch:
                 jobs[output.job_id] = output
-                for message in messages:
-                    pipe.xadd(keys.stream(output.job_id), {"m": encode(message)})
+                for entry, data in entries:
+                    pipe.xadd(keys.stream(output.job_id), {"m": data}, id=entry)
                 keep_s = output.keep_s or self.ttl_s
                 if done or now - output.expiry_set_at > keep_s / 4:
                     pipe.expire(keys.stream(output.job_id), keep_s)
                     output.expiry_set_at = now
             pipe.mget([keys.job_cancel(job_id) for job_id in jobs])
-            flags = pipe.execute()[-1]
-        return {job_id: is_cancelled(flag) for job_id, flag in zip(jobs, flags, strict=True)}
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError) and "equal or smaller" not in str(reply):
+                raise reply
+        return {job_id: is_cancelled(flag) for job_id, flag in zip(jobs, replies[-1], strict=True)}
 
 
-def _per_job(batch: Sequence[Item],
-             ) -> list[tuple[JobOutput, list[StreamMessage], bool]]:
-    """One entry per job: all it queued since the last write, recorded, then coalesced."""
+def _per_job(batch: Sequence[Item]) -> list[Entries]:
+    """One entry per job: all it queued since the last write, recorded, coalesced, numbered."""
     jobs: dict[JobOutput, tuple[list[StreamMessage], bool]] = {}
     for output, messages, done in batch:
         held, ended = jobs.setdefault(output, ([], False))
         held.extend(messages)
         jobs[output] = (held, ended or done)
-    return [(a, coalesce(a.outgoing(m)), done) for a, (m, done) in jobs.items()]
+    return [(a, a.number(coalesce(a.outgoing(m))), done) for a, (m, done) in jobs.items()]
 
 
 def coalesce(messages: Sequence[StreamMessage]) -> list[StreamMessage]:

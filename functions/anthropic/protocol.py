@@ -1,6 +1,7 @@
 """What `POST /v1/messages` takes: Anthropic's Messages request, and the chat job it becomes.
 
-Accepted and not applied: `metadata`, `thinking` (no model here thinks), `context_management`,
+`metadata.user_id` names a session: with several workers, its requests go where its cache is.
+Accepted and not applied: the rest of `metadata`, `thinking` (no model here thinks), `context_management`,
 `output_config`, `service_tier`, `speed`, `inference_geo`, `diagnostics`, `container`,
 `mcp_servers`, `user_profile_id`, `workspace_id`, and `cache_control` on the request or any block
 (the prefix cache needs no marks). Other unknown fields are a 400, as Anthropic answers.
@@ -149,9 +150,11 @@ class MessagesRequest(_Prompt):
     workspace_id: str | None = None
 
     def to_job(self, model: str) -> GenerationJob:
-        return self.job(model, clamp=True, sampling=Sampling(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, stop=[s for s in self.stop_sequences if s]))
+        user = (self.metadata or {}).get("user_id")
+        return self.job(model, clamp=True, session=user if isinstance(user, str) else None,
+                        sampling=Sampling(max_tokens=self.max_tokens, temperature=self.temperature,
+                                          top_p=self.top_p, top_k=self.top_k,
+                                          stop=[s for s in self.stop_sequences if s]))
 
 
 class CountTokensRequest(_Prompt):

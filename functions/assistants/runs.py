@@ -107,6 +107,7 @@ async def _generate(run: Run, thread: Thread, assistant: Assistant, record: mode
                             choice if run.tools else None, run.parallel_tool_calls),
         reply=Reply(thread_id=thread.id, owner=thread.owner, assistant_id=assistant.id,
                     run_id=run.id, message_id=message_id),
+        session=thread.id,
     )
     run = await store.update_run(st.redis, run.id, job_id=job.id) or run
     meta = JobMeta(id=job.id, kind="chat", model=record.id, created=int(time.time()))

@@ -7,9 +7,10 @@ finished line's result. Results are keyed by line, so a line run twice after a c
 appears once, and a line whose job was lost (its worker died, or it never reached the queue) runs
 again under a new job id.
 
-A model's batch lines in the queue are bounded (`window`): a running batch leaves
-``FERRY_BATCH_RESERVE`` sequences of every worker to interactive requests, and the rest of them
-queue ahead of its lines.
+A model's batch lines in the queue are bounded (`window`): every sequence of every worker serving
+the model, and half as many again queued ahead. Workers run interactive jobs first: they queue
+ahead of batch lines in Redis and take the next free sequence, and while interactive requests
+come in a worker leaves them ``FERRY_BATCH_RESERVE`` sequences.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from functions.batch.endpoints import answer, job_of, request_of
+from functions.batch.endpoints import answer, embeds, job_of, request_of
 from functions.batch.file_store import file_store
 from functions.batch.results import result_line, totals
 from functions.batch.validate import MAX_ERRORS, first_of_each_model, line_error, read_lines
 from functions.context import FerryState
 from functions.http.body import invalid
 from functions.queue.handle import JobState, job_lost, job_state, request_cancel, withdraw
-from functions.queue.reader import has_ended, read_all
+from functions.queue.reader import ended, has_ended, read_all
 from functions.queue.submit import JobMeta, submit
 from shared import keys
-from shared.errors import FerryError, InvalidRequest
+from shared.errors import FerryError, InvalidRequest, NotFound
 from shared.fleet import liveness
 from shared.jobs import Delta, Error, Final
 from shared.registry import models
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LEASE_S = 10
 TICK_S = 0.05  # a line that ends waits at most this long for the next to go in
+LOST_CHECK_S = 1.0  # how often running lines are checked for a worker that died under them
 
 
 class BatchDriver:
@@ -53,6 +55,7 @@ class BatchDriver:
         self.st = st
         self.redis = st.redis
         self.id = batch_id
+        self._lost_checked_at = float("-inf")
         self.runner_id = runner_id
 
     def key(self, part: str) -> str:
@@ -109,10 +112,12 @@ class BatchDriver:
         for model, line in first_of_each_model(entries):
             try:
                 await models.get_or_bundled(self.redis, model or settings.default_model,
-                                            settings.models_path)
-            except FerryError:
+                                            settings.models_path, embeds=embeds(batch.endpoint))
+            except NotFound:
                 errors.append(line_error("model_not_found", line, f"No model '{model}'",
                                          "body.model"))
+            except FerryError as e:  # a model of the other kind (embedding, or generating)
+                errors.append(line_error(e.code or "invalid_request", line, e.message, "body.model"))
         if not entries and not errors:
             errors.append(line_error("empty_file", None, "The input file has no requests"))
         if errors:
@@ -147,7 +152,9 @@ class BatchDriver:
         return sent >= total and not await self.redis.hlen(self.key("running"))
 
     async def _window(self, model: str) -> int:
-        per_worker = max(1, self.st.settings.parallel - self.st.settings.batch_reserve)
+        # Every sequence, and half as many again waiting in the worker, so no line waits for
+        # this loop's tick; the worker runs interactive jobs first (`Scheduler`).
+        per_worker = self.st.settings.parallel + max(1, self.st.settings.parallel // 2)
         return max(1, len(await liveness.live_workers(self.redis, model)) * per_worker)
 
     async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:
@@ -157,8 +164,8 @@ class BatchDriver:
             request = request_of(batch.endpoint, entry["body"])
             record = await models.get_or_bundled(
                 self.redis, request.model or self.st.settings.default_model,
-                self.st.settings.models_path)
-            job = job_of(request, record.id)
+                self.st.settings.models_path, embeds=embeds(batch.endpoint))
+            job = job_of(request, record)
         except (ValidationError, FerryError) as e:
             error = invalid(e) if isinstance(e, ValidationError) else e
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -170,7 +177,7 @@ class BatchDriver:
                 await pipe.execute()
             await self._count(failed=1)
             return
-        job.id = f"{self.id}-{line}-{attempt}"
+        job.id, job.background = f"{self.id}-{line}-{attempt}", True
         meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=int(time.time()),
                        choices=job.choice_count)
         # what _finish renders with
@@ -182,19 +189,27 @@ class BatchDriver:
                 pipe.set(self.key("next"), line + 1)
             await pipe.execute()
         try:
-            await submit(self.redis, job, meta, self.st.settings, background=True)
+            await submit(self.redis, job, meta, self.st.settings)
         except FerryError as e:  # queue full, no worker yet: it goes again from `_collect`
             log.info("batch %s line %d not queued yet: %s", self.id, line, e.message)
 
     async def _collect(self, batch: Batch) -> None:
-        for line_b, raw in (await self.redis.hgetall(self.key("running"))).items():
-            line, running = int(line_b), orjson.loads(raw)
-            if await has_ended(self.redis, running["id"]):
+        """Write the results of lines that ended (one round trip finds them), and, every
+        `LOST_CHECK_S`, run again those whose job was lost: the web process's work per tick
+        takes the CPU from the workers' decoding where both share a machine."""
+        running_lines = [(int(k), orjson.loads(v))
+                         for k, v in (await self.redis.hgetall(self.key("running"))).items()]
+        done = await ended(self.redis, [r["id"] for _, r in running_lines])
+        check_lost = time.monotonic() - self._lost_checked_at >= LOST_CHECK_S
+        if check_lost:
+            self._lost_checked_at = time.monotonic()
+        for (line, running), finished in zip(running_lines, done, strict=True):
+            if finished:
                 await self._finish(line, running)
             # Lost: its worker died under it (even before recording itself as the owner), or it
             # is not queued (it never got there, or arq dropped it as orphaned): it never ends.
-            elif await job_lost(self.redis, running["id"], self.st.settings,
-                                model=running["model"]):
+            elif check_lost and await job_lost(self.redis, running["id"], self.st.settings,
+                                               model=running["model"]):
                 log.warning("batch %s: job %s was lost; running line %d again", self.id,
                             running["id"], line)
                 await withdraw(self.redis, running["id"], running["model"], self.st.settings)
@@ -209,7 +224,7 @@ class BatchDriver:
         entry = orjson.loads(await self.redis.hget(self.key("input"), str(line)))
         if isinstance(end, Final):
             body = answer(running.get("endpoint", "/v1/chat/completions"), entry["body"], meta,
-                          [m for m in messages if isinstance(m, Delta)], end.usage)
+                          [m for m in messages if isinstance(m, Delta)], end)
             result, ok = result_line(entry, 200, body, ok=True), True
         else:
             assert isinstance(end, Error)

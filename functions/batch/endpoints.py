@@ -5,19 +5,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from functions.openai.protocol import ChatCompletionRequest, CompletionRequest
+from functions.openai import embeddings
+from functions.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from functions.openai.render import Renderer
 from functions.queue.submit import JobMeta
 from functions.responses.events import ResponseEvents
 from functions.responses.protocol import CreateResponse
 from functions.responses.stored import ResponseRecord
 from shared.errors import InvalidRequest
-from shared.jobs import Delta, GenerationJob, Usage
+from shared.jobs import Delta, EmbeddingJob, Final, GenerationJob
+from shared.registry import models as records
+
+Request = ChatCompletionRequest | CompletionRequest | CreateResponse | EmbeddingRequest
 
 
-def request_of(endpoint: str, body: dict[str, Any]
-               ) -> ChatCompletionRequest | CompletionRequest | CreateResponse:
+def embeds(endpoint: str) -> bool:
+    """Whether the endpoint's lines run on an embedding model (else on one that generates)."""
+    return endpoint == "/v1/embeddings"
+
+
+def request_of(endpoint: str, body: dict[str, Any]) -> Request:
     """The line's body as its endpoint's request (a `ValidationError` when it is not one)."""
+    if embeds(endpoint):
+        return EmbeddingRequest.model_validate(body)
     if endpoint == "/v1/responses":
         request = CreateResponse.model_validate(body)
         if request.previous_response_id or request.background:
@@ -30,15 +40,20 @@ def request_of(endpoint: str, body: dict[str, Any]
     return CompletionRequest.model_validate(body)
 
 
-def job_of(request: ChatCompletionRequest | CompletionRequest | CreateResponse, model: str
-           ) -> GenerationJob:
+def job_of(request: Request, model: records.ModelRecord) -> GenerationJob | EmbeddingJob:
+    if isinstance(request, EmbeddingRequest):
+        embeddings.check_dimensions(request, model)
+        return request.to_job(model.id)
     if isinstance(request, CreateResponse):
-        return request.to_job(model, request.items())
-    return request.to_job(model)
+        return request.to_job(model.id, request.items())
+    return request.to_job(model.id)
 
 
 def answer(endpoint: str, body: dict[str, Any], meta: JobMeta, deltas: list[Delta],
-           usage: Usage) -> dict[str, Any]:
+           final: Final) -> dict[str, Any]:
+    usage = final.usage
+    if embeds(endpoint):
+        return embeddings.answer(final, meta.model, EmbeddingRequest.model_validate(body).encoding_format)
     if endpoint != "/v1/responses":
         return Renderer(meta).response(deltas, usage, meta.choices)
     request = CreateResponse.model_validate(body)
@@ -54,6 +69,8 @@ def answer(endpoint: str, body: dict[str, Any], meta: JobMeta, deltas: list[Delt
 def usage_of(body: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, output, cached) tokens of a line's answer, whichever API shaped it."""
     u = body["usage"]
+    if "completion_tokens" not in u and "input_tokens" not in u:  # embeddings
+        return u["prompt_tokens"], 0, 0
     if "input_tokens" in u:
         return u["input_tokens"], u["output_tokens"], u["input_tokens_details"]["cached_tokens"]
     return u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"]

@@ -31,7 +31,7 @@ class FileList(BaseModel):
 
 class BatchCreate(_Body):
     input_file_id: str
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"]
     completion_window: Literal["24h"]
 
     @field_validator("input_file_id")

@@ -26,7 +26,7 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
-INFERENCE_SUFFIXES = ("/chat/completions", "/completions", "/runs", "/responses")
+INFERENCE_SUFFIXES = ("/chat/completions", "/completions", "/runs", "/responses", "/embeddings")
 UNMETERED = ("/health", "/metrics")  # load balancers' probes and Prometheus' scrapes
 
 

@@ -108,6 +108,7 @@ async def _complete(req: ChatCompletionRequest | CompletionRequest) -> Any:
     if isinstance(req, ChatCompletionRequest) and req.conversation:
         thread = await record_turn(req.conversation, req)
         job.reply = Reply(thread_id=thread.id, owner=thread.owner, message_id=new_id("msg"))
+        job.session = job.session or thread.id
     respond_async = "respond-async" in request.headers.get("Prefer", "")
     if respond_async:  # RFC 7240: 202 now, the answer at Location when it is done
         job.keep_s = st.settings.async_ttl_s

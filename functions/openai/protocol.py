@@ -1,4 +1,4 @@
-"""OpenAI request and response shapes for chat and text completions.
+"""OpenAI request and response shapes for chat and text completions, and embeddings.
 
 Requests validate themselves (bounds as OpenAI documents them) and build their own job with
 `to_job()`. Responses are built from a job's messages by `functions.render`.
@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.errors import InvalidRequest
-from shared.jobs import GenerationJob, Sampling, Tools
+from shared.jobs import EmbeddingJob, GenerationJob, Sampling, Tools
 
 MAX_CHOICES = 16
 MAX_STOP = 16
@@ -131,7 +131,7 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Literal["text", "json_object", "json_schema"]  # required, as OpenAI requires it
     json_schema: JsonSchemaFormat | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp's json_object form
 
@@ -173,6 +173,8 @@ class _CompletionBase(BaseModel):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    # OpenAI's: requests sharing a key share a cache; here, the worker whose cache holds it
+    prompt_cache_key: str | None = Field(None, max_length=1024)
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -261,6 +263,7 @@ class ChatCompletionRequest(_CompletionBase):
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
             json_schema=self._json_schema(),
             tools=self.tool_set(),
+            session=self.prompt_cache_key,
         )
 
 
@@ -297,13 +300,22 @@ class CompletionRequest(_CompletionBase):
             sampling=self._sampling(self.max_tokens),
             logprobs=self.logprobs,
             json_schema=self._json_schema(),
+            session=self.prompt_cache_key,
         )
+
+
+def _named(model: Any) -> Any:
+    """`model` may be left out (the default model), not sent as null."""
+    if model is None:
+        raise ValueError("model must be a string (or left out for the default model)")
+    return model
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
+    _model = field_validator("model", mode="before")(_named)
     input: str = Field(validation_alias=AliasChoices("input", "content"))
     add_special: bool = True  # llama.cpp server's name: add BOS where the model wants it
     with_pieces: bool = False
@@ -313,4 +325,41 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
+    _model = field_validator("model", mode="before")(_named)
     tokens: list[int]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """`/v1/embeddings`, as OpenAI documents it. `user` is accepted and not applied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some(cls, value: Any) -> Any:
+        inputs = cls._inputs(value)
+        if not inputs:
+            raise ValueError("input cannot be an empty list")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        if any(len(i) == 0 for i in inputs):
+            raise ValueError("an input cannot be empty (no text, or no tokens)")
+        return value
+
+    @staticmethod
+    def _inputs(value: Any) -> list[str | list[int]]:
+        if isinstance(value, str) or (value and all(isinstance(t, int) for t in value)):
+            return [value]  # one text, or one token array
+        return list(value)
+
+    def to_job(self, model: str) -> EmbeddingJob:
+        return EmbeddingJob(id=uuid.uuid4().hex, model=model, inputs=self._inputs(self.input))

@@ -81,6 +81,7 @@ async def withdraw(redis: ArqRedis, job_id: str, model: str, settings: Settings,
     `error`, if given, ends its stream."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.zrem(keys.queue(model), job_id)
+        pipe.hdel(keys.model_prefer(model), job_id)
         pipe.delete(*keys.arq_job_keys(job_id))
         pipe.set(keys.job_cancel(job_id), cancel_value(), ex=settings.stream_ttl_s)  # stop now
         if error is not None:

@@ -9,20 +9,24 @@ readers share one XREAD (`functions.queue.hub`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from functions.queue.handle import JobState, job_state, request_cancel, withdraw
 from functions.queue.hub import Follow, StreamHub
 from functions.queue.submit import JobMeta, submit
 from shared import keys
 from shared.errors import NotFound, NoWorker, WorkerLost
+from shared.errors import Unavailable as StreamLost
 from shared.fleet import liveness
-from shared.jobs import Delta, Error, Final, GenerationJob, decode
+from shared.jobs import Delta, Error, Final, GenerationJob, decode, entry_number
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class JobStream:
         self.model = model
         self.settings = settings
         self.last_id = after
+        self.number = entry_number(after)  # of the last message relayed (`shared.jobs.entry_id`)
         self.final: Final | None = None
         self.cancel_on_exit = cancel_on_exit  # False for runs: they outlive their readers
         self._ended = False
@@ -81,9 +86,11 @@ class JobStream:
             self.hub.leave(self._follow)
         if self.cancel_on_exit and not self._ended:
             # The client left (disconnect, cancel) or we gave up: the worker stops at its next
-            # token once the grace period has passed with no reader back (Last-Event-ID).
-            await asyncio.shield(request_cancel(self.redis, self.job_id, self.settings,
-                                                after_s=self.settings.resume_grace_s))
+            # token once the grace period has passed with no reader back (Last-Event-ID). With
+            # Redis unreachable it cannot be told: it stops when its own wait for Redis ends.
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                await asyncio.shield(request_cancel(self.redis, self.job_id, self.settings,
+                                                    after_s=self.settings.resume_grace_s))
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, Delta] | None]:
         async for batch in self.batches():
@@ -109,7 +116,11 @@ class JobStream:
             try:
                 got = await asyncio.wait_for(follow.inbox.get(), READ_BLOCK_MS / 1000)
             except asyncio.TimeoutError:
-                unstarted_since = await self._check_alive(unstarted_since)
+                if self.hub.steady:  # else Redis is away, or just back: the hub reads on
+                    try:
+                        unstarted_since = await self._check_alive(unstarted_since)
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        pass  # Redis went away since: the hub finds out
                 yield None
                 continue
             if isinstance(got, BaseException):
@@ -119,6 +130,11 @@ class JobStream:
             for entry_id, fields in got:
                 self.last_id = entry_id.decode()
                 message = decode(fields[b"m"])
+                if not isinstance(message, Error) and entry_number(entry_id) != self.number + 1:
+                    self._ended = True  # entries lost (Redis restarted without its data)
+                    raise StreamLost("Part of this response was lost when Redis restarted; "
+                                     "retry the request", code="stream_lost")
+                self.number += 1
                 if isinstance(message, Delta):
                     batch.append((self.last_id, message))
                     continue
@@ -180,5 +196,13 @@ async def read_all(redis: ArqRedis, job_id: str) -> list[Delta | Final | Error]:
 
 async def has_ended(redis: ArqRedis, job_id: str) -> bool:
     """Whether the job's stream holds its last message (a final or an error)."""
-    last = await redis.xrevrange(keys.stream(job_id), count=1)
-    return bool(last) and not isinstance(decode(last[0][1][b"m"]), Delta)
+    return (await ended(redis, [job_id]))[0]
+
+
+async def ended(redis: ArqRedis, job_ids: list[str]) -> list[bool]:
+    """`has_ended` for each of the jobs, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.xrevrange(keys.stream(job_id), count=1)
+        lasts = await pipe.execute()
+    return [bool(last) and not isinstance(decode(last[0][1][b"m"]), Delta) for last in lasts]

@@ -3,8 +3,9 @@ becomes (a chat job: input items become chat messages, `instructions` the system
 
 Unknown parameters are refused, as OpenAI refuses them. Parameters that clients send routinely
 but that mean nothing here are accepted and not applied: `reasoning` (models that do not reason),
-`prompt_cache_key` (the prefix cache needs no key), `include` values for tools Ferry never runs,
-`service_tier`, `safety_identifier`, `stream_options` and Codex's `client_metadata`.
+`include` values for tools Ferry never runs, `service_tier`, `safety_identifier`, `stream_options`
+and Codex's `client_metadata`. `prompt_cache_key` names a session: with several workers, its
+requests go where its cache is.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class CreateResponse(BaseModel):
             else {} if fmt.type == "json_object" else None,
             tools=self.tool_set(),
             truncate=self.truncation == "auto",
+            session=self.prompt_cache_key,
         )
 
 

@@ -67,7 +67,7 @@ async def ask(redis: Redis, worker_id: str, op: Literal["load", "unload"], model
 
 async def start(redis: Redis, settings: Settings, model: str) -> WorkerInfo:
     """Load `model` on a worker (or find the one that has it); one start per model at a time."""
-    record = await models.get_or_bundled(redis, model, settings.models_path)
+    record = await models.get_or_bundled(redis, model, settings.models_path, embeds=None)
     if record.state in ("downloading", "error"):
         raise Conflict(f"Model '{model}' is {record.state}; it cannot start", param="model")
     lock = keys.model_starting(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, computed_field
@@ -19,6 +20,7 @@ class ModelUsage(BaseModel):
     need: int  # estimated bytes it takes (`shared.models.need_bytes`)
     last_used: float  # unix time its last job ended (or it was loaded)
     jobs_in_flight: int = 0
+    slots: int = 0  # jobs it runs at once (its engine's sequences)
 
 
 class WorkerInfo(BaseModel):
@@ -26,6 +28,7 @@ class WorkerInfo(BaseModel):
     host: str = socket.gethostname()
     pid: int
     device: str  # "cpu", "gpu:N", or "auto" (whatever llama.cpp finds)
+    backend: str = ""  # the llama.cpp build: "cpu", or e.g. "cuda (sm 900)"
     models: list[ModelUsage] = []
     capacity: int  # bytes of memory this worker may fill with models
     max_models: int  # most models it holds at once
@@ -74,7 +77,9 @@ async def beat(redis: Redis, info: WorkerInfo, ttl_s: float) -> None:
 async def drop(redis: Redis, info: WorkerInfo, model: str, ttl_s: float) -> None:
     """The worker no longer holds `model`: handlers stop routing to it at once."""
     info.models = [m for m in info.models if m.id != model]
-    await redis.srem(keys.model_workers(model), info.id)
+    async with redis.pipeline(transaction=True) as pipe:
+        _forget(pipe, info.id, model)
+        await pipe.execute()
     await beat(redis, info, ttl_s)
 
 
@@ -83,8 +88,15 @@ async def leave(redis: Redis, info: WorkerInfo) -> None:
         pipe.delete(keys.worker(info.id))
         pipe.srem(keys.WORKERS, info.id)
         for model in info.model_ids:
-            pipe.srem(keys.model_workers(model), info.id)
+            _forget(pipe, info.id, model)
         await pipe.execute()
+
+
+def _forget(pipe: Any, worker_id: str, model: str) -> None:
+    """Queue on `pipe`: the worker serves `model` no more, nor holds its caches."""
+    pipe.srem(keys.model_workers(model), worker_id)
+    pipe.delete(keys.cache_map(model, worker_id))
+    pipe.hdel(keys.model_load(model), worker_id)
 
 
 async def _live(redis: Redis, index: str) -> list[WorkerInfo]:

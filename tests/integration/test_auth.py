@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from shared import keys
-from tests.helpers import ROOT, SMOLLM, error_of, start_web, start_worker
+from tests.helpers import MINILM, ROOT, SMOLLM, error_of, start_web, start_worker
 from tests.oidc_provider import OIDCProvider
 
 SECRET = "test-secret-" + "x" * 40
@@ -43,7 +43,7 @@ def server(env: dict[str, str], redis_url: str, tmp_path_factory: pytest.TempPat
             "FERRY_CORS_ORIGINS": "https://app.example", "FERRY_OIDC_ISSUER": provider.url,
             "FERRY_OIDC_CLIENT_ID": OIDC_CLIENT, "FERRY_OIDC_CLIENT_SECRET": OIDC_SECRET}
     redis.Redis.from_url(senv["REDIS_URL"]).flushdb()
-    worker = start_worker(senv, SMOLLM, logs / "worker.log")
+    worker = start_worker(senv, SMOLLM, logs / "worker.log", args=("--model", MINILM))
     (web_a, url_a), (web_b, url_b) = start_web(senv, logs / "a.log"), start_web(senv, logs / "b.log")
     yield {"env": senv, "a": url_a, "b": url_b, "logs": [web_a.log, web_b.log],
            "oidc": provider, "worker_log": worker.log}
@@ -261,6 +261,23 @@ def test_files_and_batches_belong_to_their_user(server: dict[str, Any]) -> None:
         error_of(reader.post("/v1/files", data={"purpose": "batch"},
                              files={"file": ("in.jsonl", line)}), 403)
         error_of(reader.post(f"/v1/batches/{batch['id']}/cancel"), 403)
+
+
+def test_embeddings_need_a_write_key_and_count_as_inference(server: dict[str, Any]) -> None:
+    tokens = login(server, "emma")
+    with client(server["a"], tokens["access_token"]) as http:
+        made = {p: http.post("/api/v1/user/api-keys", json={"name": p, "permissions": [p]}).json()
+                for p in ("read", "write")}
+    body = {"model": MINILM, "input": "Hello"}
+    error_of(httpx.post(f"{server['a']}/v1/embeddings", json=body), 401)
+    with client(server["b"], made["read"]["key"]) as reader:
+        assert error_of(reader.post("/v1/embeddings", json=body), 403)["code"] == \
+            "insufficient_permissions"
+    with client(server["b"], made["write"]["key"]) as writer:
+        codes = [writer.post("/v1/embeddings", json=body) for _ in range(3)]
+    # 3 inference calls a minute for the user, the read key's refused one among them
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    assert len(codes[0].json()["data"][0]["embedding"]) == 384
 
 
 def test_rate_limits_hold_across_web_processes(server: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ def test_invalid_json(http: httpx.Client) -> None:
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {}}, "response_format.type"),
         ({"stream": "yes please"}, "stream"),
     ],
 )
@@ -104,6 +105,9 @@ def test_unsupported_content_part(http: httpx.Client) -> None:
 
 def test_tokenize_needs_input(http: httpx.Client) -> None:
     assert error_of(http.post("/extras/tokenize", json={}), 400)["param"] == "input"
+    for path in ("/extras/tokenize", "/extras/tokenize/count"):
+        err = error_of(http.post(path, json={"model": None, "input": "hi"}), 400)
+        assert err["param"] == "model"
     err = error_of(http.post("/extras/detokenize", json={"tokens": [10**9]}), 400)
     assert err["param"] == "tokens"
 

@@ -153,7 +153,7 @@ def test_batch_create_refuses(client: openai.OpenAI, http: httpx.Client) -> None
          "input_file_id"),  # not purpose batch
         ({"input_file_id": "file-nope", "endpoint": CHAT, "completion_window": "24h"},
          "input_file_id"),
-        ({"input_file_id": upload.id, "endpoint": "/v1/embeddings", "completion_window": "24h"},
+        ({"input_file_id": upload.id, "endpoint": "/v1/moderations", "completion_window": "24h"},
          "endpoint"),
         ({"input_file_id": upload.id, "endpoint": CHAT, "completion_window": "1h"},
          "completion_window"),

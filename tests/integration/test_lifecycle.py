@@ -17,7 +17,7 @@ import redis
 
 from shared import keys
 from shared.registry.models import ModelRecord
-from tests.helpers import SMOLLM, Proc, error_of, smollm_path, start_web, start_worker
+from tests.helpers import MINILM, SMOLLM, Proc, error_of, smollm_path, start_web, start_worker
 
 GEMMA = "gemma3-270m-it"
 
@@ -83,6 +83,22 @@ def test_start_evicts_the_idle_model_and_auto_start_brings_it_back(fleet: dict[s
     assert r.json()["choices"][0]["message"]["content"]
     assert [m["id"] for m in workers(http)[0]["models"]] == [SMOLLM]
     assert state(http, GEMMA) == "downloaded"
+
+
+def test_an_embeddings_request_auto_starts_the_bundled_embedding_model(
+        fleet: dict[str, Any]) -> None:
+    """The bundled embedding model, never registered here, is converted (or found converted),
+    loaded in place of the idle chat model, and answers; the chat model comes back the same way."""
+    http = fleet["http"]
+    assert chat(http, SMOLLM).status_code == 200
+    r = http.post("/v1/embeddings", json={"model": MINILM, "input": "auto-started"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"][0]["embedding"]) == 384
+    assert [m["id"] for m in workers(http)[0]["models"]] == [MINILM]
+    record = http.get(f"/v1/models/{MINILM}").json()
+    assert record["state"] == "running" and record["metadata"]["pooling_type"] == 1
+    assert chat(http, SMOLLM).status_code == 200
+    assert [m["id"] for m in workers(http)[0]["models"]] == [SMOLLM]
 
 
 def test_stop_then_start(fleet: dict[str, Any]) -> None:

@@ -155,3 +155,36 @@ def test_embedded_redis_restarts_and_keeps_what_was_stored(tmp_path: Path) -> No
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=30)
+
+
+def test_a_killed_serve_leaves_no_child_and_its_redis_is_stopped_by_the_next(tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop anything: its children end by themselves
+    (the parent-death signal). A Redis left on the data folder anyway (one started without that
+    signal) is stopped by the next `ferry serve`, which says so."""
+    serve, url = start_serve(tmp_path, "killed")
+    try:
+        wait_healthy(url)
+        kids = children_of(serve.pid)
+        assert len(kids) == 3  # Redis, worker, web
+    finally:
+        serve.kill()
+        serve.wait()
+    deadline = time.monotonic() + 10
+    while left := [k for k in kids if alive(k)]:
+        assert time.monotonic() < deadline, [cmdline(k) for k in left]
+        time.sleep(0.1)
+
+    from ferry.redis_server import EmbeddedRedis
+    orphan = EmbeddedRedis(tmp_path / "redis")
+    orphan.start()
+    assert orphan.proc is not None
+    orphan_pid = orphan.proc.pid  # its parent (this test) lives on: only the next serve stops it
+    serve, url = start_serve(tmp_path, "second")
+    try:
+        wait_healthy(url)
+        assert not alive(orphan_pid)
+        assert f"pid {orphan_pid}" in (tmp_path / "second.log").read_text()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+        orphan.stop()

@@ -40,3 +40,35 @@ def test_each_follower_reads_from_its_own_place_and_a_new_one_does_not_wait(redi
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_a_late_follower_of_a_followed_stream_misses_nothing(redis_url: str) -> None:
+    """The hub's XREAD waits past the first follower's place; a second follower from the start
+    gets every entry even when its interrupt comes too early to cut that wait (no interrupt at
+    all, here)."""
+    async def go() -> None:
+        redis = await connect(redis_url)
+        hub = StreamHub(redis)
+        await redis.delete("hubtest:c")
+        try:
+            first = await redis.xadd("hubtest:c", {"m": "1"})
+            reader = await hub.follow("hubtest:c")
+            assert [e[0] for e in await asyncio.wait_for(reader.inbox.get(), 5)] == [first]
+            await asyncio.sleep(0.05)  # blocked in an XREAD from past `first`
+
+            async def too_early() -> None:
+                pass
+
+            hub._interrupt = too_early  # type: ignore[method-assign]
+            late = await hub.follow("hubtest:c")
+            second = await redis.xadd("hubtest:c", {"m": "2"})
+            got = [e[0] for e in await asyncio.wait_for(late.inbox.get(), 5)]
+            got += [e[0] for e in await asyncio.wait_for(late.inbox.get(), 5)]
+            assert got == [first, second] and late.inbox.empty()
+            assert [e[0] for e in await asyncio.wait_for(reader.inbox.get(), 5)] == [second]
+        finally:
+            await hub.close()
+            await redis.delete("hubtest:c")
+            await redis.aclose()
+
+    asyncio.run(go())

@@ -52,3 +52,15 @@ def test_too_large_for_every_worker_and_no_worker() -> None:
     assert e.value.status == 507 and "2048 MiB" in e.value.message
     with pytest.raises(NoWorker):
         choose([], "m", GB)
+
+
+def test_an_embedding_models_estimate_counts_vectors_not_logits() -> None:
+    from shared.registry.models import COMPUTE_OVERHEAD, ModelRecord, need_bytes
+
+    header = {"size": 45 * 2**20, "kv_bytes_per_token": 9216, "vocab_size": 30522,
+              "embedding_length": 384}
+    chat = ModelRecord(id="chat", created=0, metadata=header)
+    embed = ModelRecord(id="embed", created=0, metadata={**header, "pooling_type": 1})
+    assert embed.embeds and not chat.embeds
+    assert need_bytes(embed, 512, 512, 8) == 45 * 2**20 + 9216 * 512 + 512 * 384 * 4 + COMPUTE_OVERHEAD
+    assert need_bytes(chat, 512, 512, 8) == 45 * 2**20 + 9216 * 512 + 512 * 30522 * 4 + COMPUTE_OVERHEAD

@@ -18,6 +18,7 @@ import llama_cpp
 from llama_cpp import _logger as llama_cpp_logger
 from llama_cpp._internals import LlamaContext, LlamaModel
 
+from shared.fleet import cache_map
 from shared.jobs import GenerationJob
 from shared.registry.models import ModelRecord
 from shared.settings import Settings
@@ -40,6 +41,7 @@ class Engine:
         self.scheduler = Scheduler(model, ctx, settings.ctx_len, post,
                                    host_bytes=settings.cache_ram_mb << 20)
         self.n_ctx = self.scheduler.n_ctx
+        self.capacity = len(self.scheduler.seqs)  # jobs worth taking at once
         self.n_vocab = model.n_vocab()
         self.prompts = PromptBuilder(model, record, self.n_ctx, len(self.scheduler.seqs),
                                      lambda: self.eog, settings.max_tokens)
@@ -47,15 +49,7 @@ class Engine:
     @classmethod
     def load(cls, record: ModelRecord, settings: Settings, gpu: bool, one_gpu: bool,
              post: Post) -> Engine:
-        """`one_gpu`: the process is pinned to one GPU, so keep llama.cpp from splitting layers."""
-        llama_cpp.llama_backend_init()
-        llama_cpp_logger.set_verbose(False)  # llama.cpp's own log: errors only
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = settings.n_gpu_layers if gpu else 0
-        if one_gpu:
-            mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
-            mparams.main_gpu = 0
-        model = LlamaModel(path_model=record.path, params=mparams, verbose=False)
+        model = load_model(record, settings, gpu, one_gpu)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = settings.ctx_len
         cparams.n_batch = cparams.n_ubatch = max(settings.n_batch, settings.parallel)
@@ -78,7 +72,8 @@ class Engine:
         """Generate every choice of `job`, publishing through `output`; how it ended. CANCELLED:
         the client left, or this task was cancelled (timeout, shutdown). Raises `FerryError`s
         for bad input, before any message, and what publishing to Redis failed with."""
-        task = Task(job.id, output, await asyncio.to_thread(self.prompts.groups, job))
+        task = Task(job.id, output, await asyncio.to_thread(self.prompts.groups, job),
+                    background=job.background, entries=cache_map.job_entries(job))
         self.scheduler.submit(task)
         try:
             await asyncio.shield(output.done)
@@ -93,11 +88,28 @@ class Engine:
             log.error("job %s failed: llama.cpp failed while decoding", job.id)
         return task.outcome
 
+    def cache_entries(self) -> set[str]:
+        """What this engine's caches hold, as cache map entries (`shared.fleet.cache_map`)."""
+        return self.scheduler.cache_entries()
+
     @cached_property
     def eog(self) -> list[int]:
         """Every end-of-generation token, for `ignore_eos` (a walk over the vocabulary, done the
         first time a job asks, not at every load)."""
         return [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.model.vocab, t)]
+
+
+def load_model(record: ModelRecord, settings: Settings, gpu: bool, one_gpu: bool) -> LlamaModel:
+    """The model's weights, on the GPU when `gpu`. `one_gpu`: the process is pinned to one GPU,
+    so keep llama.cpp from splitting layers."""
+    llama_cpp.llama_backend_init()
+    llama_cpp_logger.set_verbose(False)  # llama.cpp's own log: errors only
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = settings.n_gpu_layers if gpu else 0
+    if one_gpu:
+        mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        mparams.main_gpu = 0
+    return LlamaModel(path_model=record.path, params=mparams, verbose=False)
 
 
 def physical_cores() -> int:

@@ -29,6 +29,7 @@ FLAGS = 0  # LLAMA_STATE_SEQ_FLAGS_NONE: the whole sequence
 class Entry:
     tokens: list[int]  # what the saved cells hold, position by position
     data: ctypes.Array[ctypes.c_uint8]
+    entries: tuple[str, ...] = ()  # their prompt, as cache map entries
 
 
 class HostCache:
@@ -43,9 +44,9 @@ class HostCache:
     def size(self) -> int:
         return sum(len(e.data) for e in self.entries)
 
-    def save(self, seq_id: int, tokens: list[int]) -> None:
-        """Copy sequence `seq_id`'s cells (holding `tokens`) out, unless an entry holds them
-        already or they would not fit; entries they extend go."""
+    def save(self, seq_id: int, tokens: list[int], entries: tuple[str, ...] = ()) -> None:
+        """Copy sequence `seq_id`'s cells (holding `tokens`, the prompt of cache map `entries`)
+        out, unless an entry holds them already or they would not fit; entries they extend go."""
         n = len(tokens)
         if not tokens or any(e.tokens[:n] == tokens for e in self.entries):
             return
@@ -57,7 +58,7 @@ class HostCache:
             self.entries.pop(0)
         data = (ctypes.c_uint8 * size)()
         if llama_cpp.llama_state_seq_get_data_ext(self.ctx, data, size, seq_id, FLAGS) == size:
-            self.entries.append(Entry(list(tokens), data))
+            self.entries.append(Entry(list(tokens), data, entries))
 
     def find(self, tokens: list[int], better_than: int) -> Entry | None:
         """The entry sharing the longest start with `tokens`, if that is more than `better_than`
@@ -106,18 +107,19 @@ class PrefixCache:
     def copy(self, source: Sequence, to: Sequence) -> None:
         """Give `to` `source`'s cells: an `n > 1` group's prompt, decoded once."""
         llama_cpp.llama_memory_seq_cp(self.memory, source.id, to.id, -1, -1)
-        to.cache = list(source.cache)
+        to.cache, to.entries = list(source.cache), source.entries
 
     def evict(self, seq: Sequence) -> None:
         """Empty `seq`'s cells, keeping a copy in host memory if there is one."""
         if self.host is not None and seq.cache:
-            self.host.save(seq.id, seq.cache)
+            self.host.save(seq.id, seq.cache, seq.entries)
         self.drop(seq)
 
     def drop(self, seq: Sequence) -> None:
         """Empty `seq`'s cells, keeping nothing."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq.id, -1, -1)
         seq.cache = []
+        seq.entries = ()
 
     def evict_idle(self, seqs: list[Sequence]) -> None:
         """A job started: move the idle sequences' cells to host memory, before the new prompts
@@ -141,7 +143,7 @@ class PrefixCache:
             return
         for seq in seqs:
             if seq.state is State.IDLE and seq.cache and not seq.copied:
-                self.host.save(seq.id, seq.cache)
+                self.host.save(seq.id, seq.cache, seq.entries)
                 seq.copied = True
 
     def clear(self, seqs: list[Sequence]) -> None:
@@ -149,6 +151,15 @@ class PrefixCache:
         llama_cpp.llama_memory_clear(self.memory, True)
         for seq in seqs:
             seq.cache = []
+            seq.entries = ()
+
+    def cache_entries(self, seqs: list[Sequence]) -> set[str]:
+        """The cache map entries of every prompt the sequences and host memory hold (read from
+        another thread: a moment's view)."""
+        held = {e for seq in list(seqs) if seq.cache for e in seq.entries}
+        for entry in list(self.host.entries) if self.host is not None else []:
+            held.update(entry.entries)
+        return held
 
     def _worth(self, seq: Sequence, tokens: list[int]) -> tuple[int, float]:
         """How good `seq` is for `tokens`: the cached tokens it reuses (among equals, the least
@@ -169,9 +180,9 @@ class PrefixCache:
         if entry is not None:
             self.evict(seq)
             if self.host.restore(entry, seq.id):
-                seq.cache = list(entry.tokens)
+                seq.cache, seq.entries = list(entry.tokens), entry.entries
         elif 16 * (len(seq.cache) - common) >= len(seq.cache) > 0:
-            self.host.save(seq.id, seq.cache)
+            self.host.save(seq.id, seq.cache, seq.entries)
 
     def _reusable(self, seq: Sequence, tokens: list[int]) -> int:
         """How many of `tokens` `seq`'s cache can keep; at least the last one is decoded again,

@@ -59,6 +59,10 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
+    def cache_entries(self) -> set[str]:
+        """What the sequences and host memory hold, as cache map entries (any thread)."""
+        return self.prefix.cache_entries(self.seqs)
+
     def submit(self, task: Task) -> None:
         self.inbox.put(task)
 
@@ -117,9 +121,11 @@ class Scheduler:
             self.prefix.evict_idle(self.seqs)
 
     def _start_waiting(self) -> bool:
-        """Give waiting groups free sequences, oldest task first; whether any started."""
+        """Give waiting groups free sequences, interactive tasks first, then batch lines, oldest
+        first within each; whether any started. A group that must wait holds back every task
+        after it, so a batch line never takes the sequence an interactive job waits for."""
         started = False
-        for task in self.tasks:
+        for task in sorted(self.tasks, key=lambda t: t.background):  # stable: oldest first
             while task.waiting:
                 free = [s for s in self.seqs if s.state is State.IDLE]
                 group = task.waiting[0]

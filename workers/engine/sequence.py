@@ -33,6 +33,7 @@ class Sequence:
         self.id = seq_id
         self.state = State.IDLE
         self.cache: list[int] = []  # what its KV cells hold, position by position
+        self.entries: tuple[str, ...] = ()  # `cache`'s prompt, as cache map entries
         self.copied = False  # host memory holds a copy of `cache` (made while nothing ran)
         self.last_used = 0.0  # monotonic time its last choice ended
         self.row = -1  # batch row holding its logits after a decode; -1: none this step
@@ -52,6 +53,7 @@ class Sequence:
     def start(self, task: Task, group: Group, choice: Choice) -> None:
         self.state = State.PROMPT
         self.task, self.group, self.choice = task, group, choice
+        self.entries = task.entries
         self.copied = False  # its cells change from here
         task.busy += 1
 

@@ -50,8 +50,11 @@ Post = Callable[[Any, list[Delta | Final], bool], None]
 class Task:
     """A job inside the scheduler: its groups, and how far they have got."""
 
-    def __init__(self, job_id: str, output: Sink, groups: list[Group]) -> None:
+    def __init__(self, job_id: str, output: Sink, groups: list[Group],
+                 background: bool = False, entries: tuple[str, ...] | list[str] = ()) -> None:
         self.job_id = job_id
+        self.entries = tuple(entries)  # its prompt in cache maps: what its sequences will hold
+        self.background = background  # a batch line: any interactive task starts first
         self.output = output
         self.waiting = list(groups)  # not started: too few free sequences so far
         self.busy = 0  # sequences working for this task

@@ -1,0 +1,112 @@
+"""A batch uses the whole engine when it is alone, and interactive jobs go first when they come.
+
+The worker here serves SmolLM2 under its own id with 4 sequences and writes every decode step
+(`FERRY_STREAM_INTERVAL_MS=0`), so when each line generated can be read from its stream's entry
+ids (Redis' clock, in ms).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+
+from shared import keys
+from tests.helpers import Proc, own_model, sse_events, start_worker
+from tests.integration.test_batches import jsonl
+
+PARALLEL = 4
+
+
+@pytest.fixture(scope="module")
+def model(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("priority")
+    worker: Proc = start_worker({**env, "FERRY_PARALLEL": str(PARALLEL), "FERRY_BATCH_RESERVE": "1",
+                                 "FERRY_STREAM_INTERVAL_MS": "0"},
+                                str(own_model(tmp, "prioritised")), tmp / "worker.log")
+    yield "prioritised"
+    worker.stop()
+
+
+def lines(model: str, count: int, tokens: int, spread: int = 0) -> list[dict[str, Any]]:
+    """`count` lines of `tokens` tokens each, the i-th `spread` × i more (so they end apart)."""
+    return [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": model, "max_tokens": tokens + spread * i, "ignore_eos": True,
+                      "temperature": 0,
+                      "messages": [{"role": "user", "content": f"Line {i}: tell a story."}]}}
+            for i in range(count)]
+
+
+def start(base_url: str, body: list[dict[str, Any]]) -> str:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    upload = client.files.create(file=("in.jsonl", jsonl(body)), purpose="batch")
+    return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h").id
+
+
+def finish(http: httpx.Client, batch_id: str, timeout_s: float = 150) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while (batch := http.get(f"/v1/batches/{batch_id}").json())["status"] != "completed":
+        assert time.monotonic() < deadline and batch["status"] in ("validating", "in_progress",
+                                                                    "finalizing"), batch
+        time.sleep(0.2)
+    return batch
+
+
+def spans(rds: redis.Redis, batch_id: str, count: int) -> list[tuple[int, int]]:
+    """(first token, last entry) ms of each line's job, from its stream."""
+    out = []
+    for line in range(count):
+        entries = rds.xrange(keys.stream(f"{batch_id}-{line}-0"))
+        assert entries, line
+        out.append((int(entries[0][0].split(b"-")[0]), int(entries[-1][0].split(b"-")[0])))
+    return out
+
+
+def most_at_once(spans_ms: list[tuple[int, int]]) -> int:
+    edges = sorted([(a, 1) for a, _ in spans_ms] + [(b, -1) for _, b in spans_ms])
+    busy = top = 0
+    for _, step in edges:
+        busy += step
+        top = max(top, busy)
+    return top
+
+
+def test_a_batch_alone_fills_every_sequence(base_url: str, model: str, http: httpx.Client,
+                                            rds: redis.Redis) -> None:
+    batch_id = start(base_url, lines(model, 12, 24))
+    batch = finish(http, batch_id)
+    assert batch["request_counts"]["completed"] == 12
+    assert most_at_once(spans(rds, batch_id, 12)) == PARALLEL
+
+
+def test_an_interactive_request_goes_before_the_waiting_lines(
+        base_url: str, model: str, http: httpx.Client, rds: redis.Redis) -> None:
+    count = 16
+    batch_id = start(base_url, lines(model, count, 32, spread=3))
+    deadline = time.monotonic() + 60
+    while len([k for k in rds.scan_iter(keys.stream(f"{batch_id}-*"))]) < PARALLEL:
+        assert time.monotonic() < deadline, "the batch never filled the worker"
+        time.sleep(0.05)
+    seconds, micros = rds.time()
+    sent_ms = int(seconds * 1000 + micros // 1000)
+    body = {"model": model, "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        events = list(sse_events(r.iter_lines()))
+    job = orjson.loads(events[0][1])["id"].removeprefix("chatcmpl-")
+    first_ms = int(rds.xrange(keys.stream(job))[0][0].split(b"-")[0])
+    finish(http, batch_id)
+    started = [a for a, _ in spans(rds, batch_id, count)]
+    # Lines were waiting in the worker when it came; none of them took a sequence before it did.
+    # (Slack of a decode step or two each side: a line whose prompt was decoding when it came,
+    # one that took a second sequence freed in the same step as its own.)
+    jumped = [a for a in started if sent_ms + 150 < a < first_ms - 150]
+    assert not jumped, (sent_ms, first_ms, jumped)
+    assert any(a > first_ms for a in started)  # and the batch went on after it
