@@ -17,7 +17,7 @@ from functions.http.sse import Event
 from functions.openai import answers as a
 from functions.openai.protocol import ChatCompletionRequest, CompletionRequest
 from functions.openai.render import Renderer
-from functions.queue.handle import call_off_cancel, request_cancel
+from functions.queue.handle import call_off_cancel, end_if_lost, request_cancel
 from functions.queue.reader import JobStream, deltas_upto, load_meta, read_all
 from functions.queue.submit import JobMeta, submit
 from shared import keys
@@ -73,6 +73,7 @@ async def get(job_id: str) -> Any:
     meta = await load_meta(st.redis, job_id, started=False)
     renderer = Renderer(meta)
     messages = await read_all(st.redis, job_id)
+    await end_if_lost(st.redis, job_id, meta.model, st.settings, messages)
     if messages and isinstance(messages[-1], Final):
         return renderer.response([m for m in messages if isinstance(m, Delta)],
                                  messages[-1].usage, meta.choices)

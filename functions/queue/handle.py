@@ -14,8 +14,9 @@ import enum
 from arq.connections import ArqRedis
 
 from shared import keys
+from shared.errors import WorkerLost
 from shared.fleet import liveness
-from shared.jobs import Error, cancel_value, encode
+from shared.jobs import Delta, Error, Final, cancel_value, encode
 from shared.settings import Settings
 
 # A live worker records itself as a job's owner within milliseconds of arq taking the job; one
@@ -88,3 +89,17 @@ async def withdraw(redis: ArqRedis, job_id: str, model: str, settings: Settings,
             pipe.xadd(keys.stream(job_id), {"m": encode(error)})
             pipe.expire(keys.stream(job_id), settings.stream_ttl_s)
         await pipe.execute()
+
+
+async def end_if_lost(redis: ArqRedis, job_id: str, model: str, settings: Settings,
+                      messages: list[Delta | Final | Error]) -> None:
+    """For a job read with no reader attached (an async request, a background response): if its
+    stream has not ended and never will (its worker died under it), end it with `worker_lost`,
+    appended to `messages` too. A reader attached to the stream does this as it waits."""
+    if messages and not isinstance(messages[-1], Delta):
+        return
+    if await job_state(redis, job_id, settings, model=model) is JobState.LOST:
+        lost = Error.of(WorkerLost("The worker running this request stopped responding; "
+                                   "retry the request"))
+        await withdraw(redis, job_id, model, settings, lost)
+        messages.append(lost)

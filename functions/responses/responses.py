@@ -22,7 +22,14 @@ from functions.http import sse
 from functions.http.body import invalid, parse_body, parse_query
 from functions.http.openapi import STREAM, operation
 from functions.http.sse import Event
-from functions.queue.handle import JobState, call_off_cancel, job_state, request_cancel, withdraw
+from functions.queue.handle import (
+    JobState,
+    call_off_cancel,
+    end_if_lost,
+    job_state,
+    request_cancel,
+    withdraw,
+)
 from functions.queue.reader import JobStream, count_prompt, has_ended, read_all
 from functions.queue.submit import JobMeta, submit
 from functions.responses import answers as a
@@ -31,7 +38,7 @@ from functions.responses.events import ResponseEvents
 from functions.responses.protocol import CreateResponse, InputTokensRequest
 from functions.responses.stored import ResponseRecord
 from shared import keys
-from shared.errors import Cancelled, FerryError, InvalidRequest, NotFound, WorkerLost
+from shared.errors import Cancelled, FerryError, InvalidRequest, NotFound
 from shared.jobs import Delta, Error, Final
 from shared.registry import models
 
@@ -180,12 +187,7 @@ async def current(record: ResponseRecord) -> dict[str, Any]:
     if record.result is not None:
         return record.result
     messages = await read_all(st.redis, record.job_id)
-    if not messages or isinstance(messages[-1], Delta):
-        if await job_state(st.redis, record.job_id, st.settings, model=record.model) \
-                is JobState.LOST:
-            lost = Error.of(WorkerLost("The worker running this response stopped responding"))
-            await withdraw(st.redis, record.job_id, record.model, st.settings, lost)
-            messages.append(lost)
+    await end_if_lost(st.redis, record.job_id, record.model, st.settings, messages)
     events = ResponseEvents(record)
     for m in messages:
         if isinstance(m, Delta):

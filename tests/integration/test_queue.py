@@ -191,9 +191,23 @@ def test_killed_worker_ends_streams_and_the_next_worker_serves(
             threading.Thread(target=kill_once_running, args=(rds, worker)).start()
             lost = http.post("/v1/chat/completions",
                              json={**body, "stream": False, "max_tokens": 1500})
-            rds.close()
             assert lost.status_code == 503 and lost.headers["Retry-After"]
             assert lost.json()["error"]["code"] == "worker_lost"
+
+            # An async request has no reader to notice its worker die: reading its status
+            # ends it as failed (found by bench/soak.py: it stayed "queued" for good).
+            worker = start_worker(env, str(path), tmp_path / "w3.log")
+            queued = http.post("/v1/chat/completions", headers={"Prefer": "respond-async"},
+                               json={**body, "stream": False, "max_tokens": 1500})
+            assert queued.status_code == 202, queued.text
+            kill_once_running(rds, worker)
+            rds.close()
+            deadline = time.monotonic() + 30
+            while (status := http.get(f"/v1/chat/completions/{queued.json()['id']}").json()
+                   )["status"] in ("queued", "in_progress") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert status["status"] == "failed", status
+            assert status["error"]["code"] == "worker_lost"
     finally:
         worker.stop()
 

@@ -21,3 +21,46 @@ def test_annotation_only_subschemas_accept_anything() -> None:
     assert len(schema_grammar(schema, "tools").gbnf) < 10_000  # not 4 MB, which crashed llama.cpp
     with pytest.raises(InvalidRequest):
         schema_grammar({"type": "object", "properties": {"x": {"type": "no-such-type"}}})
+
+
+def test_a_string_holds_no_raw_control_character() -> None:
+    """llama-cpp-python's converter let a JSON string take a raw newline, which no JSON parser
+    reads (bench/soak.py's json_schema answers failed `orjson.loads` twice in 536). Checked on
+    SmolLM2's real vocabulary, inside llama.cpp."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    from tests.helpers import smollm_path
+    from workers.engine import sampling
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = LlamaModel(path_model=str(smollm_path()), params=params, verbose=False)
+    try:
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                                   "note": {"type": "string"}},
+                  "required": ["name", "note"], "additionalProperties": False}
+        sampler = sampling._grammar_sampler(model, schema_grammar(schema))
+        n_vocab = model.n_vocab()
+
+        def allowed() -> set[int]:
+            data = (llama_cpp.llama_token_data * n_vocab)(
+                *[llama_cpp.llama_token_data(t, 0.0, 0.0) for t in range(n_vocab)])
+            arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+            return {data[i].id for i in range(n_vocab) if data[i].logit != float("-inf")}
+
+        def token(text: str) -> int:
+            [t] = model.tokenize(text.encode(), add_bos=False, special=False)
+            return t
+
+        for text in ('{"name": "Ann', '", "note": "Hi'):
+            for t in model.tokenize(text.encode(), add_bos=False, special=False):
+                llama_cpp.llama_sampler_accept(sampler, t)
+            ok = allowed()
+            assert token("\n") not in ok and token("\t") not in ok
+            assert token("a") in ok and token(" and") in ok
+    finally:
+        model.close()

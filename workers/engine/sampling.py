@@ -152,12 +152,19 @@ def _any_for_annotations(node: Any) -> Any:
     return out
 
 
+# llama-cpp-python's converter lets a string hold raw control characters (a newline, a tab),
+# which no JSON parser accepts; llama.cpp's own converter (and JSON_GBNF) leave them out.
+LOOSE_CHAR = r'char ::= [^"\\] |'
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 @lru_cache(maxsize=64)
 def _schema_grammar(schema_json: str, param: str) -> Grammar:
     try:
         if schema_json == "{}":
             return Grammar(llama_grammar.JSON_GBNF, param=param)
-        return Grammar(llama_grammar.json_schema_to_gbnf(schema_json), param=param)
+        gbnf = llama_grammar.json_schema_to_gbnf(schema_json).replace(LOOSE_CHAR, JSON_CHAR)
+        return Grammar(gbnf, param=param)
     except Exception as e:  # llama-cpp-python raises bare ValueError/RuntimeError here
         raise InvalidRequest(f"The {param} schema cannot be enforced: {e}", param=param) from e
 
