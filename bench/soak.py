@@ -55,7 +55,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stream import Processes, pct  # noqa: E402
+from bench.stream import Processes  # noqa: E402
 from ferry.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from shared import keys  # noqa: E402
 from shared.jobs import Delta, decode, entry_number  # noqa: E402
@@ -410,7 +410,7 @@ class Soak:
             if time.monotonic() > self.stop_at - 90:
                 return
             if not deck:
-                deck = ["worker", "web", "redis"]
+                deck = list(self.args.faults)
                 self.rand.shuffle(deck)
             kind = deck.pop()
             killed = time.monotonic()
@@ -545,15 +545,17 @@ class Soak:
             if times:
                 print(f"| SIGKILL {kind} | {len(times)} | {statistics.median(times):.1f} | "
                       f"{max(times):.1f} |")
-        print("\nprocesses that lived through the run (RSS MiB, open files; first sample after "
-              "the first minute, then the last):")
+        print("\nprocesses that lived through the run: RSS MiB / open files, sampled after the "
+              "first minute, then at each fifth of the run")
+        print("\n| process | 1 min | 20% | 40% | 60% | 80% | end | max |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for role, samples in self.samples.items():
             settled = [s for s in samples if s[0] - self.began >= 60] or samples
-            first, last = settled[0], settled[-1]
-            print(f"- {role}: RSS {first[1] / 1024:.0f} -> {last[1] / 1024:.0f} "
-                  f"(max {max(s[1] for s in settled) / 1024:.0f}), open files {first[2]} -> "
-                  f"{last[2]} (max {max(s[2] for s in settled)}), "
-                  f"RSS p50 {pct([s[1] / 1024 for s in settled], 0.5):.0f}")
+            picks = [settled[min(len(settled) - 1, round(f * (len(settled) - 1)))]
+                     for f in (0, 0.2, 0.4, 0.6, 0.8, 1)]
+            cells = [f"{s[1] / 1024:.0f} / {s[2]}" for s in picks]
+            print(f"| {role} | {' | '.join(cells)} | {max(s[1] for s in settled) / 1024:.0f} / "
+                  f"{max(s[2] for s in settled)} |")
         lost = [r for r in self.records if r.outcome.startswith("bad")]
         print(f"\nlost or wrong: {len(lost)} (the target is 0)")
 
@@ -624,6 +626,8 @@ def main() -> None:
     p.add_argument("--batch-lines", type=int, default=8)
     p.add_argument("--timeout", type=float, default=180, help="a request's hang limit, s")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--faults", nargs="+", choices=("worker", "web", "redis"),
+                   default=["worker", "web", "redis"], help="the kinds of kill, taken in turn")
     p.add_argument("--logs", type=Path, help="where the processes' logs go (default: a temp dir)")
     args = p.parse_args()
     logs = args.logs or Path(tempfile.mkdtemp(prefix="ferry-soak-"))
