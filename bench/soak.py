@@ -22,7 +22,8 @@ would. Outcomes:
   ends without its end, a lost batch line or async result, a stored object gone).
 
     python bench/soak.py [--minutes 30] [--clients 4] [--fault-every 50] [--batch-every 240]
-                         [--timeout 180] [--logs DIR]
+                         [--batch-lines 8] [--timeout 180] [--seed 1]
+                         [--faults worker web redis] [--logs DIR]
 
 Prints the outcomes by kind, the faults with their recovery times, what was lost, and the
 memory and open files of the processes that lived through the run.
@@ -245,8 +246,11 @@ class Soak:
         async with client.stream("POST", f"{self.stack.url(web)}/v1/responses", json=body) as r:
             if r.status_code != 200:
                 raise_for(r.status_code, await r.aread())
+            numbers = []
             async for _, data in sse(r.aiter_lines()):
                 event = orjson.loads(data)
+                numbers.append(event.get("sequence_number"))
+                expect(numbers == list(range(len(numbers))), "an event came twice or out of order")
                 if event["type"] in ("error", "response.failed"):
                     fault_or_bad(event.get("error") or event["response"]["error"])
                 if event["type"] in ("response.completed", "response.incomplete"):
@@ -306,11 +310,13 @@ class Soak:
                 web = self.rand.choice(["web-a", "web-b"])
                 started = time.monotonic()
                 try:
-                    resumed = await self.KINDS[kind][1](self, client, web, started)
+                    # a whole request's deadline: pings keep a hung stream's reads alive
+                    resumed = await asyncio.wait_for(self.KINDS[kind][1](self, client, web, started),
+                                                     self.args.timeout)
                     outcome = "complete"
                 except Fault as e:
                     outcome, resumed = f"fault: {e}", False
-                except httpx.TimeoutException:
+                except (httpx.TimeoutException, TimeoutError):
                     outcome, resumed = f"bad: no answer in {self.args.timeout} s", False
                 except httpx.TransportError as e:
                     cut = self.stack.cut_by_kill(web, started)
@@ -366,16 +372,19 @@ class Soak:
                         row = orjson.loads(line)
                         seen[row["custom_id"]] += 1
                         status = (row.get("response") or {}).get("status_code")
+                        error = row.get("error") or (row.get("response") or {}).get("body", {}).get(
+                            "error") or {}
+                        code = error.get("code") if isinstance(error, dict) else None
                         outcomes["complete" if status == 200 else
-                                 f"error {status}: {(row.get('error') or {}).get('code')}"] += 1
+                                 f"fault: {status} {code}" if code in FAULT_CODES else
+                                 f"bad: {status} {code}"] += 1
             lost = ids - set(seen)
             twice = [c for c, k in seen.items() if k > 1]
             outcome = ("complete" if not lost and not twice and batch["status"] == "completed"
                        else f"bad: {batch['status']}, {len(lost)} lines lost, {len(twice)} twice")
             self.records.append(Record("batch", outcome, time.monotonic() - started))
             for line_outcome, count in outcomes.items():
-                self.records.extend([Record("batch line", line_outcome if line_outcome == "complete"
-                                            else f"fault: {line_outcome}", 0)] * count)
+                self.records.extend([Record("batch line", line_outcome, 0)] * count)
 
     async def check_asyncs(self, client: httpx.AsyncClient) -> None:
         for job in self.asyncs:
@@ -556,6 +565,14 @@ class Soak:
             cells = [f"{s[1] / 1024:.0f} / {s[2]}" for s in picks]
             print(f"| {role} | {' | '.join(cells)} | {max(s[1] for s in settled) / 1024:.0f} / "
                   f"{max(s[2] for s in settled)} |")
+        for role, samples in self.samples.items():
+            # flat: from the first fifth of the run to its end, memory grows by under 10% and
+            # open files by under 10 (a leak per request would grow with the thousands served)
+            settled = [s for s in samples if s[0] - self.began >= 60] or samples
+            early, end = settled[round(0.2 * (len(settled) - 1))], settled[-1]
+            flat = end[1] < early[1] * 1.1 and end[2] < early[2] + 10
+            print(f"{role}: RSS {early[1] / 1024:.0f} -> {end[1] / 1024:.0f} MiB, open files "
+                  f"{early[2]} -> {end[2]}: {'flat' if flat else 'GROWING'}")
         lost = [r for r in self.records if r.outcome.startswith("bad")]
         print(f"\nlost or wrong: {len(lost)} (the target is 0)")
 

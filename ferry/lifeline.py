@@ -1,5 +1,6 @@
-"""Child processes that never outlive the process that started them, and the one a killed
-`ferry serve` left anyway (a Redis from before this fix, or one started by hand) found and stopped.
+"""Child processes that never outlive the process that started them, the one a killed
+`ferry serve` left anyway (a Redis from before this fix, or one started by hand) found and stopped,
+and one `ferry serve` at a time on a data folder.
 
 Linux sends a child `PR_SET_PDEATHSIG`'s signal when its parent dies, however it dies (SIGKILL
 included); elsewhere only an orderly shutdown stops the children.
@@ -8,6 +9,7 @@ included); elsewhere only an orderly shutdown stops the children.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -18,6 +20,29 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PIDFILE = "redis.pid"
+LOCKFILE = "serve.lock"
+
+
+class FolderTaken(RuntimeError):
+    """Another live process serves this data folder."""
+
+
+def hold(data_dir: Path) -> int:
+    """Take `data_dir` for this process's lifetime: the kernel lets go of the lock when it dies,
+    however it dies, so a live owner is the only thing that refuses. The lock's file descriptor
+    (keep it open); FolderTaken names the owner."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode().strip() or "?"
+        os.close(fd)
+        raise FolderTaken(f"another `ferry serve` (pid {owner}) is running on {data_dir}; stop it "
+                          "first, or give this one another FERRY_DATA_DIR") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def die_with_parent() -> None:

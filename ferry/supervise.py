@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ferry import lifeline
 from ferry.lifeline import die_with_parent
 from ferry.models_cli import URL_FILE
 from ferry.redis_server import EmbeddedRedis
@@ -50,6 +51,11 @@ def serve(settings: Settings, models: list[str]) -> int:
     env = dict(os.environ)
     redis_server = None
     if settings.redis_url is None:
+        try:  # one serve per data folder: a second would stop the first one's Redis
+            lifeline.hold(settings.data_dir / "redis")
+        except lifeline.FolderTaken as e:
+            log.error("%s", e)
+            return 1
         redis_server = EmbeddedRedis(settings.data_dir / "redis", persist=True)
         env["REDIS_URL"] = redis_server.start()
         (redis_server.data_dir / URL_FILE).write_text(env["REDIS_URL"])  # for `ferry models`

@@ -6,7 +6,8 @@ start their own, serving the same GGUF under another id. Helpers are in tests/he
 FERRY_TEST_WORKER_ARGS adds arguments to every worker the tests start (`--gpu 0` runs them on a GPU).
 
 Every process a test starts inherits FERRY_TEST_SESSION; when the session ends, any process still
-carrying it (a Redis, a Ferry process, moto, the OIDC provider) fails the run, and is killed.
+carrying it (a Ferry process, moto) or working in the session's temporary folders (a Redis or a
+Sentinel: Redis writes its process title over its environment) fails the run, and is killed.
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ SESSION_MARK = f"FERRY_TEST_SESSION={uuid.uuid4().hex}".encode()
 os.environ["FERRY_TEST_SESSION"] = SESSION_MARK.split(b"=")[1].decode()
 
 
-def leftovers() -> list[int]:
-    """Live processes this session started (they carry its mark), other than pytest's own."""
+def leftovers(temp: Path | None) -> list[int]:
+    """Live processes this session started, other than pytest's own: they carry its mark, or work
+    in its temporary folders `temp`."""
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         pid = int(environ.parent.name)
         try:
-            if pid == os.getpid() or SESSION_MARK not in environ.read_bytes().split(b"\0"):
+            if pid == os.getpid():
+                continue
+            marked = SESSION_MARK in environ.read_bytes().split(b"\0")
+            cwd = Path(os.readlink(environ.parent / "cwd"))
+            if not marked and not (temp and cwd.is_relative_to(temp)):
                 continue
             state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
@@ -46,8 +52,10 @@ def leftovers() -> list[int]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    temp = factory.getbasetemp().resolve() if factory and factory._basetemp else None
     deadline = time.monotonic() + 15  # children told to stop may take a moment
-    while (left := leftovers()) and time.monotonic() < deadline:
+    while (left := leftovers(temp)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if left:
         names = [(environ := Path(f"/proc/{p}/cmdline")).exists() and

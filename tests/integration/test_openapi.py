@@ -91,6 +91,10 @@ def test_document_and_swagger_ui_are_served_locally(http: httpx.Client) -> None:
         "$ref": "#/components/schemas/ChatCompletionRequest"}
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert "/api/v1/threads/{thread_id}/messages" in doc["paths"]
+    for path in ("/v1/embeddings", "/v1/responses", "/v1/messages"):
+        assert doc["paths"][path]["post"]["responses"]["200"]["content"], path
+    assert doc["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"] == {"$ref": "#/components/schemas/EmbeddingRequest"}
     assert "owner" not in doc["components"]["schemas"]["Thread"]["properties"]
 
     page = http.get("/api/swagger/index.html")

@@ -32,8 +32,11 @@ class Stack:
     def __init__(self, server: EmbeddedRedis, web: Proc, url: str, worker: Proc) -> None:
         self.server, self.web, self.url, self.worker = server, web, url, worker
 
+    restarts = 0
+
     def restart_redis(self, down_s: float) -> None:
         assert self.server.proc is not None
+        self.restarts += 1
         self.server.proc.kill()
         self.server.proc.wait()
         time.sleep(down_s)
@@ -95,6 +98,8 @@ def text(datas: list[dict[str, Any]]) -> str:
 def test_a_stream_completes_across_a_redis_restart(patient: Stack) -> None:
     _, calm = read(patient.url)
     ids, datas = read(patient.url, kill_after=5, on_kill=lambda: patient.restart_redis(2))
+    assert patient.restarts == 1  # Redis went down mid-stream
+    assert "Redis is back: wrote what waited" in patient.worker.log.read_text()
     assert "error" not in datas[-1], datas[-1]
     assert text(datas) == text(calm) and len(text(calm)) > 100
     numbers = [entry_number(i) for i in ids if i]
@@ -111,6 +116,7 @@ def test_a_stream_completes_across_a_redis_restart(patient: Stack) -> None:
 def test_a_redis_outage_past_the_limit_ends_the_stream_with_an_error(hasty: Stack) -> None:
     started = time.monotonic()
     _, datas = read(hasty.url, kill_after=3, on_kill=lambda: hasty.restart_redis(8))
+    assert hasty.restarts == 1
     assert datas[-1]["error"]["code"] == "redis_unavailable", datas[-1]
     assert time.monotonic() - started < 30
     # the worker stopped generating into nothing: its sequence is free once Redis is back

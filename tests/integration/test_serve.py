@@ -160,12 +160,19 @@ def test_embedded_redis_restarts_and_keeps_what_was_stored(tmp_path: Path) -> No
 def test_a_killed_serve_leaves_no_child_and_its_redis_is_stopped_by_the_next(tmp_path: Path) -> None:
     """SIGKILL gives the supervisor no chance to stop anything: its children end by themselves
     (the parent-death signal). A Redis left on the data folder anyway (one started without that
-    signal) is stopped by the next `ferry serve`, which says so."""
+    signal) is stopped by the next `ferry serve`, which says so. While a serve lives, a second one
+    on its data folder refuses to start and leaves the first one's Redis alone."""
     serve, url = start_serve(tmp_path, "killed")
     try:
         wait_healthy(url)
         kids = children_of(serve.pid)
         assert len(kids) == 3  # Redis, worker, web
+        second, _ = start_serve(tmp_path, "beside")
+        assert second.wait(timeout=30) == 1
+        said = (tmp_path / "beside.log").read_text()
+        assert f"another `ferry serve` (pid {serve.pid}) is running on" in said, said
+        assert all(alive(k) for k in kids) and children_of(second.pid) == []
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
         serve.kill()
         serve.wait()

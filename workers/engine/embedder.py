@@ -122,12 +122,16 @@ class Embedder:
         return out
 
     async def embed(self, job: EmbeddingJob) -> tuple[list[str], int]:
-        """The job's vectors (base64 float32, in input order) and its prompt tokens."""
+        """The job's vectors (base64 float32, in input order) and its prompt tokens. Identical
+        inputs are embedded once, so they get the same vector bit for bit (a row's place in a
+        decode can change the last bits of its sums), and they still count in the usage."""
         tokens = await asyncio.to_thread(self.tokenize, job)
+        unique = list(dict.fromkeys(map(tuple, tokens)))
         loop = asyncio.get_running_loop()
-        request = _Request(tokens, loop.create_future(), loop)
+        request = _Request([list(t) for t in unique], loop.create_future(), loop)
         self.inbox.put(request)
-        return await request.done, sum(map(len, tokens))
+        vectors = dict(zip(unique, await request.done, strict=True))
+        return [vectors[tuple(t)] for t in tokens], sum(map(len, tokens))
 
     def take_packed(self) -> list[int]:
         """How many jobs each decode since the last call held (for /metrics)."""
