@@ -158,9 +158,6 @@ class Settings(BaseSettings):
     batch_max_lines: int = Field(50_000, ge=1, description="Most requests in one batch")
     batch_window_s: float = Field(
         86400.0, gt=0, description="How long a batch may run ('24h', the only completion_window)")
-    batch_reserve: int = Field(
-        2, ge=0, description="Sequences per worker that batch lines leave free while interactive "
-        "requests come in (one in the last 10 s); with none, a batch may fill every sequence")
 
     @property
     def models_path(self) -> Path:

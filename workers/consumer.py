@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from arq import Worker
@@ -28,9 +27,6 @@ from workers.loaded_model import LoadedModel
 log = logging.getLogger(__name__)
 
 WAKE_WAIT_S = 0.5  # longest an idle consumer sleeps without a wake-up (arq's own poll delay)
-# Batch lines leave `FERRY_BATCH_RESERVE` of a model's job slots to interactive jobs while one has
-# been seen this recently; with none for this long, a batch may take every slot.
-INTERACTIVE_HOLD_S = 10.0
 
 
 class FerryWorker(Worker):
@@ -40,17 +36,23 @@ class FerryWorker(Worker):
     (or, for a job routed to one worker, to that worker's) right after enqueueing, and an idle
     worker blocks on those lists instead of sleeping, so a new job starts within a Redis round trip
     rather than up to half a second later.
+
+    It takes interactive jobs while fewer than the engine's `capacity` (its sequences) run: the
+    engine pauses batch lines for them. It takes batch lines while fewer than `capacity` plus
+    `ahead` jobs of any kind run, so that lines wait in the engine, which starts one in the very
+    step another ends, rather than in Redis.
     """
 
-    def __init__(self, *, model: str, worker_id: str, route_wait_ms: int, batch_reserve: int = 0,
+    def __init__(self, *, model: str, worker_id: str, route_wait_ms: int, capacity: int,
                  **kwargs: Any) -> None:
-        super().__init__(poll_delay=0, queue_name=keys.queue(model), **kwargs)
+        self.capacity, self.ahead = capacity, max(2, capacity // 2)
+        super().__init__(poll_delay=0, queue_name=keys.queue(model),
+                         max_jobs=2 * capacity + self.ahead, **kwargs)
         self.worker_id = worker_id
         self.wake_keys = [keys.wake_worker(model, worker_id), keys.wake(model)]
         self.prefer_key = keys.model_prefer(model)
         self.route_wait_ms = route_wait_ms
-        self.batch_reserve = batch_reserve
-        self.interactive_at = float("-inf")  # monotonic time an interactive job was last seen
+        self.interactive: set[str] = set()  # ids of the interactive jobs taken
         self._job_done = asyncio.Event()
 
     async def run_job(self, job_id: str, score: int) -> None:
@@ -76,7 +78,8 @@ class FerryWorker(Worker):
             running, scores, routed = await pipe.execute()
         now = timestamp_ms()
         interactive_before = now - AHEAD_MS // 2
-        room = self.max_jobs - self.batch_reserve - self.job_counter  # for batch lines, in a hold
+        self.interactive = {j for j in self.interactive if j in self.tasks and not self.tasks[j].done()}
+        interactive, jobs = len(self.interactive), self.job_counter
         take = []
         for job_id, flag, score, to in zip(ids, running, scores, routed, strict=True):
             if flag is not None or score is None:  # another worker's, or gone
@@ -85,11 +88,14 @@ class FerryWorker(Worker):
                     and now - (score + AHEAD_MS) < self.route_wait_ms:
                 continue  # routed (an interactive job) to another worker, which may yet take it
             if score < interactive_before:
-                self.interactive_at = time.monotonic()
-            elif room <= 0 and time.monotonic() - self.interactive_at < INTERACTIVE_HOLD_S:
-                continue  # a batch line leaves the reserve to interactive jobs for now
+                if interactive >= self.capacity:
+                    continue  # every sequence serves an interactive job: another worker may
+                interactive += 1
+                self.interactive.add(job_id.decode())
+            elif jobs >= self.capacity + self.ahead:
+                continue  # a batch line: enough wait in the engine
             take.append(job_id)
-            room -= 1
+            jobs += 1
         await super().start_jobs(take)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
@@ -129,8 +135,7 @@ class ModelConsumer:
                        func(embed, name="embed", max_tries=1)],
             redis_settings=redis_settings(self.redis_url),
             ctx={"ferry": loaded},
-            max_jobs=loaded.engine.capacity,  # the engine batches them; more wait in Redis
-            batch_reserve=min(loaded.settings.batch_reserve, loaded.engine.capacity - 1),
+            capacity=loaded.engine.capacity,  # the engine batches them; more wait in Redis
             job_timeout=loaded.settings.job_timeout_s,
             keep_result=60,
             job_serializer=serialize,

@@ -7,10 +7,10 @@ finished line's result. Results are keyed by line, so a line run twice after a c
 appears once, and a line whose job was lost (its worker died, or it never reached the queue) runs
 again under a new job id.
 
-A model's batch lines in the queue are bounded (`window`): every sequence of every worker serving
-the model, and half as many again queued ahead. Workers run interactive jobs first: they queue
-ahead of batch lines in Redis and take the next free sequence, and while interactive requests
-come in a worker leaves them ``FERRY_BATCH_RESERVE`` sequences.
+A model's batch lines in the queue are bounded (`window`): twice every sequence of every worker
+serving the model, so that lines wait in each worker's engine and in Redis, never for this loop's
+tick. Workers run interactive jobs first: they queue ahead of batch lines in Redis, and a worker's
+engine pauses batch lines to start them at once (`workers.engine.scheduler`).
 """
 
 from __future__ import annotations
@@ -152,9 +152,9 @@ class BatchDriver:
         return sent >= total and not await self.redis.hlen(self.key("running"))
 
     async def _window(self, model: str) -> int:
-        # Every sequence, and half as many again waiting in the worker, so no line waits for
-        # this loop's tick; the worker runs interactive jobs first (`Scheduler`).
-        per_worker = self.st.settings.parallel + max(1, self.st.settings.parallel // 2)
+        # Every sequence, and as many again waiting in the worker's engine and in Redis, so no
+        # line waits for this loop's tick; the worker runs interactive jobs first (`Scheduler`).
+        per_worker = 2 * self.st.settings.parallel
         return max(1, len(await liveness.live_workers(self.redis, model)) * per_worker)
 
     async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:

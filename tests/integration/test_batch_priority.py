@@ -1,4 +1,5 @@
-"""A batch uses the whole engine when it is alone, and interactive jobs go first when they come.
+"""A batch uses the whole engine when it is alone, and an interactive job that comes starts at
+once: the engine pauses a batch line for it, and the line goes on afterwards.
 
 The worker here serves SmolLM2 under its own id with 4 sequences and writes every decode step
 (`FERRY_STREAM_INTERVAL_MS=0`), so when each line generated can be read from its stream's entry
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,11 +29,16 @@ PARALLEL = 4
 @pytest.fixture(scope="module")
 def model(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("priority")
-    worker: Proc = start_worker({**env, "FERRY_PARALLEL": str(PARALLEL), "FERRY_BATCH_RESERVE": "1",
+    worker: Proc = start_worker({**env, "FERRY_PARALLEL": str(PARALLEL),
                                  "FERRY_STREAM_INTERVAL_MS": "0"},
                                 str(own_model(tmp, "prioritised")), tmp / "worker.log")
     yield "prioritised"
     worker.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_log(model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return next(tmp_path_factory.getbasetemp().glob("priority*/worker.log"))
 
 
 def lines(model: str, count: int, tokens: int, spread: int = 0) -> list[dict[str, Any]]:
@@ -86,27 +93,39 @@ def test_a_batch_alone_fills_every_sequence(base_url: str, model: str, http: htt
     assert most_at_once(spans(rds, batch_id, 12)) == PARALLEL
 
 
-def test_an_interactive_request_goes_before_the_waiting_lines(
-        base_url: str, model: str, http: httpx.Client, rds: redis.Redis) -> None:
-    count = 16
-    batch_id = start(base_url, lines(model, count, 32, spread=3))
+def test_an_interactive_request_pauses_a_line_and_starts_at_once(
+        base_url: str, model: str, http: httpx.Client, rds: redis.Redis, worker_log: Path) -> None:
+    count, long = 8, 160
+    body = lines(model, count, 24)
+    for line in body[:PARALLEL]:  # these hold every sequence well past the interactive request
+        line["body"]["max_tokens"] = long
+    batch_id = start(base_url, body)
     deadline = time.monotonic() + 60
     while len([k for k in rds.scan_iter(keys.stream(f"{batch_id}-*"))]) < PARALLEL:
         assert time.monotonic() < deadline, "the batch never filled the worker"
         time.sleep(0.05)
+    time.sleep(0.3)  # every line past its prompt
     seconds, micros = rds.time()
     sent_ms = int(seconds * 1000 + micros // 1000)
-    body = {"model": model, "max_tokens": 4, "stream": True,
+    chat = {"model": model, "max_tokens": 4, "stream": True,
             "messages": [{"role": "user", "content": "Hi"}]}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=chat, timeout=60) as r:
         events = list(sse_events(r.iter_lines()))
     job = orjson.loads(events[0][1])["id"].removeprefix("chatcmpl-")
     first_ms = int(rds.xrange(keys.stream(job))[0][0].split(b"-")[0])
-    finish(http, batch_id)
-    started = [a for a, _ in spans(rds, batch_id, count)]
-    # Lines were waiting in the worker when it came; none of them took a sequence before it did.
-    # (Slack of a decode step or two each side: a line whose prompt was decoding when it came,
-    # one that took a second sequence freed in the same step as its own.)
-    jumped = [a for a in started if sent_ms + 150 < a < first_ms - 150]
-    assert not jumped, (sent_ms, first_ms, jumped)
-    assert any(a > first_ms for a in started)  # and the batch went on after it
+    batch = finish(http, batch_id)
+    lines_ms = spans(rds, batch_id, count)
+    running = [end for begin, end in lines_ms if begin < sent_ms < end]
+    # Every sequence was busy with a line, and the request did not wait for one to end.
+    assert len(running) == PARALLEL and first_ms < min(running), (sent_ms, first_ms, lines_ms)
+    assert "paused for an interactive job" in worker_log.read_text()
+    # The paused line went on to its full length, its prompt counted once.
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    out = [orjson.loads(line) for line in
+           client.files.content(batch["output_file_id"]).text.splitlines()]
+    answers = {o["custom_id"]: o["response"]["body"] for o in out}
+    assert len(answers) == count
+    for i in range(count):
+        usage = answers[f"l{i}"]["usage"]
+        assert usage["completion_tokens"] == (long if i < PARALLEL else 24), (i, usage)
+        assert usage["prompt_tokens"] == answers["l0"]["usage"]["prompt_tokens"], (i, usage)

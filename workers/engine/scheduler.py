@@ -122,19 +122,42 @@ class Scheduler:
 
     def _start_waiting(self) -> bool:
         """Give waiting groups free sequences, interactive tasks first, then batch lines, oldest
-        first within each; whether any started. A group that must wait holds back every task
+        first within each; whether any started. An interactive group that finds too few free
+        sequences pauses batch lines for them. A group that must wait holds back every task
         after it, so a batch line never takes the sequence an interactive job waits for."""
         started = False
         for task in sorted(self.tasks, key=lambda t: t.background):  # stable: oldest first
             while task.waiting:
                 free = [s for s in self.seqs if s.state is State.IDLE]
                 group = task.waiting[0]
+                if len(free) < len(group.choices) and not task.background:
+                    free += self._pause_batch_lines(len(group.choices) - len(free))
                 if len(free) < len(group.choices):
                     return started
                 task.waiting.pop(0)
                 self._start(task, group, free)
                 started = True
         return started
+
+    def _pause_batch_lines(self, wanted: int) -> list[Sequence]:
+        """Free up to `wanted` sequences that generate for batch lines, those with the fewest
+        tokens first. A paused line keeps its choice (sampler, text, stops) and waits, ahead of
+        the lines not started, to go on from its last token: its cells stay in the sequence, or
+        go to host memory, and `PrefixCache.place` finds them again, so it decodes that token
+        alone when it resumes."""
+        lines = sorted((s for s in self.seqs if s.state is State.GENERATING and s.task is not None
+                        and s.task.background and s.group is not None
+                        and len(s.group.choices) == 1), key=lambda s: s.generated)[:wanted]
+        for seq in lines:
+            assert seq.task is not None and seq.group is not None and seq.choice is not None
+            limit = seq.group.max_tokens
+            seq.task.waiting.insert(0, Group([*seq.cache, seq.next], [seq.choice],
+                                             None if limit is None else limit - seq.generated,
+                                             resumed=True))
+            log.info("job %s paused for an interactive job after %d tokens", seq.task.job_id,
+                     seq.generated)
+            seq.leave()
+        return lines
 
     def _start(self, task: Task, group: Group, free: list[Sequence]) -> None:
         """The group's prompt goes to the free sequence that holds most of it; the siblings its
@@ -147,8 +170,9 @@ class Scheduler:
             if seq is not first:
                 self.prefix.evict(seq)
             seq.start(task, group, choice)
-        task.usage.prompt_tokens += len(group.tokens)
-        task.usage.cached_tokens += keep
+        if not group.resumed:
+            task.usage.prompt_tokens += len(group.tokens)
+            task.usage.cached_tokens += keep
 
     def _step(self) -> None:
         """Decode one batch, then sample every sequence that has logits in it; release those

@@ -77,7 +77,8 @@ class Sequence:
         self._done()
 
     def leave(self) -> None:
-        """Its task was dropped (cancelled): free it at once, sending nothing more."""
+        """Its task lets go of it (cancelled, or a batch line paused): free it at once, keeping
+        its cells, sending nothing more."""
         assert self.task is not None
         self.task.busy -= 1
         self.last_used = time.monotonic()

@@ -33,6 +33,7 @@ class Group:
     tokens: list[int]
     choices: list[Choice]
     max_tokens: int | None
+    resumed: bool = False  # a paused batch line going on: its prompt is counted already
 
 
 class Sink(Protocol):
