@@ -8,11 +8,12 @@ With --peer, llama-server (from `make peers`; same GGUF, threads, slots and cont
 the same requests from a client at --concurrency, after the batch alone, in the same run.
 
     python bench/batch.py [--lines 1000] [--tokens 16] [--probes 20] [--parallel 8] [--gpu N]
-                          [--peer] [--concurrency 8] [--threads N] [--rounds 1]
+                          [--peer] [--concurrency 8 16] [--streams 8] [--threads N] [--rounds 1]
 
-Prints each round's wall time and output tokens/s (from usage) for the batch and the peer, the
-per-round ratios and their median, and TTFT p50/p95 idle and during the batch (the last round's
-batch figures in the summary line).
+Prints each round's wall time and output tokens/s (from usage) for the batch and the peer (at each
+--concurrency; the ratio is to the best of them), the per-round ratios and their median, TTFT
+p50/p95 of single probes idle and during the batch, and of --streams users streaming at once, idle
+and during a batch (the last round's batch figures in the summary line).
 """
 
 from __future__ import annotations
@@ -110,6 +111,28 @@ def probes(http: httpx.Client, count: int, gap_s: float = 0.5) -> list[float]:
     return out
 
 
+def interactive(base: str, streams: int, count: int, gap_s: float = 0.5) -> list[float]:
+    """`streams` users at once, each streaming `count` short answers one after another, `gap_s`
+    apart: every request's TTFT."""
+    out: list[float] = []
+    lock = threading.Lock()
+
+    def user(u: int) -> None:
+        with httpx.Client(base_url=base, timeout=600) as http:
+            for i in range(count):
+                first = ttft(http, u * 1000 + i)
+                with lock:
+                    out.append(first)
+                time.sleep(gap_s)
+
+    users = [threading.Thread(target=user, args=(u,)) for u in range(streams)]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lines", type=int, default=1000)
@@ -118,7 +141,10 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--gpu", type=int)
     p.add_argument("--peer", action="store_true", help="also llama-server, driven by a client")
-    p.add_argument("--concurrency", type=int, default=8, help="the peer's client concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16],
+                   help="the peer's client concurrency: each round takes the best of these")
+    p.add_argument("--streams", type=int, default=8,
+                   help="interactive users streaming at once, idle and during the batch")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="both sides")
     p.add_argument("--ctx", type=int, default=4096, help="context, shared by the sequences")
     p.add_argument("--rounds", type=int, default=1, help="batch-alone (and peer) runs")
@@ -150,8 +176,9 @@ def main() -> None:
         with httpx.Client(base_url=base, timeout=600) as http:
             probes(http, 3)  # warm up
             idle = probes(http, args.probes)
+            idle_streams = interactive(base, args.streams, args.probes // 2)
             if args.peer:
-                run_peer(peer, batch_file(16, 4, "Warm"), args.concurrency)
+                run_peer(peer, batch_file(16, 4, "Warm"), max(args.concurrency))
             ratios = []
             for rnd in range(args.rounds):  # each round: Ferry's batch alone, then the peer
                 time.sleep(11)  # past the worker's hold for interactive requests: alone
@@ -159,11 +186,14 @@ def main() -> None:
                 tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
                 line = f"round {rnd}: ferry {alone_s:.1f} s ({tokens / alone_s:.0f} tokens/s)"
                 if args.peer:
-                    peer_s, peer_tokens = run_peer(
-                        peer, batch_file(args.lines, args.tokens, f"Peer{rnd}"), args.concurrency)
-                    ratios.append((tokens / alone_s) / (peer_tokens / peer_s))
-                    line += (f", llama-server {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
-                             f", ratio {ratios[-1]:.2f}")
+                    best = 0.0
+                    for c in args.concurrency:
+                        peer_s, peer_tokens = run_peer(
+                            peer, batch_file(args.lines, args.tokens, f"Peer{rnd}c{c}"), c)
+                        best = max(best, peer_tokens / peer_s)
+                        line += f", llama-server c{c} {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
+                    ratios.append((tokens / alone_s) / best)
+                    line += f", ratio to the best {ratios[-1]:.2f}"
                 print(line, flush=True)
             data = batch_file(args.lines, args.tokens, "Probed")
             during: list[float] = []
@@ -174,19 +204,31 @@ def main() -> None:
             loaded_s, _ = run_batch(http, data)
             runner.join()
             prober.close()
+            # the same users as idle, while a batch as long as the first runs
+            busy: list[float] = []
+            users = threading.Thread(target=lambda: (time.sleep(3), busy.extend(
+                interactive(base, args.streams, args.probes // 2))))
+            users.start()
+            streams_s, _ = run_batch(http, batch_file(args.lines, args.tokens, "Streams"))
+            users.join()
         counts = batch["request_counts"]
         print(f"batch of {args.lines} chat requests x {args.tokens} tokens: {alone_s:.1f} s "
               f"({counts['completed']} completed, {counts['failed']} failed; "  # type: ignore[index]
               f"{args.lines / alone_s:.1f} requests/s, {tokens / alone_s:.0f} tokens/s); "
               f"with probes: {loaded_s:.1f} s")
         if ratios:
-            print(f"ferry / llama-server (client at concurrency {args.concurrency}) output "
-                  f"tokens/s, per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+            print(f"ferry / llama-server (client at its best of concurrency {args.concurrency}) "
+                  f"output tokens/s, per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
                   f"median {statistics.median(ratios):.2f}x")
         print(f"interactive TTFT idle:         p50 {pct(idle, 0.5) * 1000:.0f} ms, "
               f"p95 {pct(idle, 0.95) * 1000:.0f} ms ({len(idle)} probes)")
         print(f"interactive TTFT during batch: p50 {pct(during, 0.5) * 1000:.0f} ms, "
               f"p95 {pct(during, 0.95) * 1000:.0f} ms ({len(during)} probes)")
+        print(f"{args.streams} interactive users, TTFT idle: p50 {pct(idle_streams, 0.5) * 1000:.0f}"
+              f" ms, p95 {pct(idle_streams, 0.95) * 1000:.0f} ms; during a batch "
+              f"({streams_s:.1f} s): p50 {pct(busy, 0.5) * 1000:.0f} ms, p95 "
+              f"{pct(busy, 0.95) * 1000:.0f} ms; p95 during / idle "
+              f"{pct(busy, 0.95) / pct(idle_streams, 0.95):.2f}x ({len(busy)} requests)")
 
 
 if __name__ == "__main__":
