@@ -105,6 +105,35 @@ def test_a_session_key_goes_where_its_session_is(
     assert ran_on(rds, second) == ran_on(rds, first)
 
 
+def test_anthropic_sessions_and_responses_chains_go_where_they_are_cached(
+        workers: list[Proc], http: httpx.Client, rds: redis.Redis) -> None:
+    """Anthropic's `metadata.user_id` names a session (Claude Code sends one); a Responses chain
+    (`previous_response_id`) resends its history, found by the cache map."""
+    def message(content: str) -> str:
+        r = http.post("/v1/messages", json={
+            "model": MODEL, "max_tokens": 8, "metadata": {"user_id": "claude-session-7"},
+            "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"]).removeprefix("msg_")
+
+    first, second = message("Tell me about knots."), message("Something unrelated.")
+    assert orjson.loads(rds.get(keys.job_meta(second)))["route"]["decision"] == "hit"
+    assert rds.get(keys.job_worker(second)) == rds.get(keys.job_worker(first))
+
+    def respond(**body: Any) -> str:
+        r = http.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 8,
+                                             "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+        return str(r.json()["id"])
+
+    start = respond(instructions=SYSTEM, input="Tell me about buoys.")
+    chained = respond(instructions=SYSTEM, input="Why?", previous_response_id=start)
+    job, home = chained.removeprefix("resp_"), start.removeprefix("resp_")
+    route = orjson.loads(rds.get(keys.job_meta(job)))["route"]
+    assert route["decision"] == "hit", route
+    assert rds.get(keys.job_worker(job)) == rds.get(keys.job_worker(home))
+
+
 def hog(base_url: str, history: list[dict[str, str]], stop: threading.Event) -> threading.Thread:
     """A long streamed turn of the conversation `history` (two of them fit the 2,048-token
     context), held open until `stop`."""
