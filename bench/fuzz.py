@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.stream import Processes  # noqa: E402
+from ferry.lifeline import die_with_parent  # noqa: E402
 from ferry.redis_server import EmbeddedRedis, free_port  # noqa: E402
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance," \
@@ -59,9 +60,10 @@ def main() -> None:
             procs.start("web", [*ferry, "web", "--port", str(port)], env)
             procs.wait_healthy("web", url)
             subprocess.run([*ferry, "users", "create", "fuzzer", "--admin"], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
             key = subprocess.run([*ferry, "keys", "create", "--user", "fuzzer"], env=env,
-                                 check=True, capture_output=True, text=True).stdout.split()[-1]
+                                 check=True, capture_output=True, text=True,
+                                 preexec_fn=die_with_parent).stdout.split()[-1]
             cli = Path(sys.executable).with_name("schemathesis")
             run = subprocess.run([
                 str(cli), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {key}",
@@ -71,7 +73,7 @@ def main() -> None:
                 "--exclude-name", "POST /v1/models", "--exclude-name", "POST /api/v1/models",
                 "--exclude-path-regex", "/progress$",
                 "--report", "junit", "--report-dir", str(logs / "report"), *args.extra,
-            ], env=env)
+            ], env=env, preexec_fn=die_with_parent)  # it ends with this script, however that ends
             raise SystemExit(run.returncode)
     finally:
         server.stop()

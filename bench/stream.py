@@ -247,7 +247,8 @@ def batched_bench(args: argparse.Namespace, gguf: str, logs: Path) -> None:
     print("$ " + shlex.join(argv), flush=True)
     with (logs / "batched-bench.log").open("wb") as log:
         out = subprocess.run(argv, env=device_env(args.gpu), stdout=subprocess.PIPE, stderr=log,
-                             stdin=subprocess.DEVNULL, check=True, timeout=1800)
+                             stdin=subprocess.DEVNULL, check=True, timeout=1800,
+                             preexec_fn=die_with_parent)
     print(out.stdout.decode().strip() + "\n", flush=True)
 
 
