@@ -92,8 +92,8 @@ class FerryWorker(Worker):
                     continue  # every sequence serves an interactive job: another worker may
                 interactive += 1
                 self.interactive.add(job_id.decode())
-            elif jobs >= self.capacity + self.ahead:
-                continue  # a batch line: enough wait in the engine
+            elif jobs >= self.capacity + self.ahead or interactive >= self.capacity:
+                continue  # a batch line: enough wait in the engine, or none would start soon
             take.append(job_id)
             jobs += 1
         await super().start_jobs(take)
