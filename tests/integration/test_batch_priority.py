@@ -129,3 +129,32 @@ def test_an_interactive_request_pauses_a_line_and_starts_at_once(
         usage = answers[f"l{i}"]["usage"]
         assert usage["completion_tokens"] == (long if i < PARALLEL else 24), (i, usage)
         assert usage["prompt_tokens"] == answers["l0"]["usage"]["prompt_tokens"], (i, usage)
+
+
+def test_a_paused_line_gives_the_answer_it_gives_unpaused(
+        base_url: str, env: dict[str, str], http: httpx.Client, rds: redis.Redis,
+        tmp_path: Path) -> None:
+    """One sequence, greedy: the line is paused mid-answer for an interactive request (its cells
+    go to host memory and come back), and its answer equals the same request's, run alone."""
+    worker = start_worker({**env, "FERRY_PARALLEL": "1", "FERRY_STREAM_INTERVAL_MS": "0"},
+                          str(own_model(tmp_path, "single")), tmp_path / "worker.log")
+    try:
+        line = lines("single", 1, 120)[0]
+        line["body"]["messages"][0]["content"] = "Tell me a long story about a lighthouse keeper."
+        batch_id = start(base_url, [line])
+        deadline = time.monotonic() + 60
+        while len(rds.xrange(keys.stream(f"{batch_id}-0-0"))) < 20:  # well into its answer
+            assert time.monotonic() < deadline, "the line never started"
+            time.sleep(0.02)
+        chat = {"model": "single", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+        batch = finish(http, batch_id)
+        assert "paused for an interactive job" in (tmp_path / "worker.log").read_text()
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+        paused = orjson.loads(client.files.content(batch["output_file_id"]).text)["response"]["body"]
+        alone = http.post("/v1/chat/completions", json=line["body"]).json()
+        assert paused["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"] == 120
+        assert paused["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+        assert paused["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
+    finally:
+        worker.stop()
