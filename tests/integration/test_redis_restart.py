@@ -7,6 +7,8 @@ other test.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +45,8 @@ class Stack:
         self.server.start()
 
 
-def stack(env: dict[str, str], tmp: Path, outage_s: float) -> Iterator[Stack]:
-    server = EmbeddedRedis(tmp / "redis", persist=True, extra=("--appendfsync", "always"))
+def stack(env: dict[str, str], tmp: Path, outage_s: float, persist: bool = True) -> Iterator[Stack]:
+    server = EmbeddedRedis(tmp / "redis", persist=persist, extra=("--appendfsync", "always"))
     url = server.start()
     own = {**env, "REDIS_URL": url, "FERRY_REDIS_OUTAGE_S": str(outage_s),
            "FERRY_STREAM_INTERVAL_MS": "0", "FERRY_HEARTBEAT_TTL_S": "3"}
@@ -68,6 +70,12 @@ def patient(env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
 @pytest.fixture
 def hasty(env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
     yield from stack(env, tmp_path, outage_s=3)
+
+
+@pytest.fixture
+def forgetful(env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """A Redis that keeps nothing on disk: it comes back empty."""
+    yield from stack(env, tmp_path, outage_s=30, persist=False)
 
 
 def read(url: str, kill_after: int | None = None, on_kill: Any = None
@@ -129,3 +137,34 @@ def test_a_redis_outage_past_the_limit_ends_the_stream_with_an_error(hasty: Stac
         assert time.monotonic() < deadline, beats
         time.sleep(0.2)
     assert "Redis unreachable for" in hasty.worker.log.read_text()
+
+
+def test_a_stream_whose_entries_redis_lost_ends_with_an_error_not_a_gap(forgetful: Stack) -> None:
+    """Entries the web process had not relayed yet are lost with Redis' data: the web process is
+    stopped (SIGSTOP) while the worker writes on, then Redis restarts empty."""
+    def lose_unrelayed() -> None:
+        os.kill(forgetful.web.p.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)  # the worker writes entries the web process does not read
+            forgetful.restart_redis(1)
+        finally:
+            os.kill(forgetful.web.p.pid, signal.SIGCONT)
+
+    ids, datas = read(forgetful.url, kill_after=5, on_kill=lose_unrelayed)
+    assert forgetful.restarts == 1
+    assert datas[-1]["error"]["code"] == "stream_lost", datas[-1]
+    numbers = [entry_number(i) for i in ids if i]
+    assert numbers == list(range(1, len(numbers) + 1))  # what came before the loss, all of it
+
+
+def test_a_stream_whose_relayed_entries_redis_lost_goes_on(forgetful: Stack) -> None:
+    """Redis restarts empty, but the web process had relayed every entry it held: the worker
+    writes the rest, and nothing the client needs is missing."""
+    _, calm = read(forgetful.url)
+    ids, datas = read(forgetful.url, kill_after=5, on_kill=lambda: forgetful.restart_redis(1))
+    assert forgetful.restarts == 1
+    numbers = [entry_number(i) for i in ids if i]
+    assert numbers == sorted(set(numbers))
+    assert "error" not in datas[-1] or datas[-1]["error"]["code"] == "stream_lost", datas[-1]
+    if "error" not in datas[-1]:
+        assert text(datas) == text(calm)
