@@ -155,3 +155,17 @@ def error_of(r: httpx.Response, status: int) -> dict[str, object]:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["message"]
     return body["error"]
+
+
+def allowed_tokens(sampler: Any, n_vocab: int) -> set[int]:
+    """The tokens a grammar sampler lets through now (llama.cpp is imported here: unit tests of
+    other parts never load it)."""
+    import ctypes
+
+    import llama_cpp
+
+    data = (llama_cpp.llama_token_data * n_vocab)(
+        *[llama_cpp.llama_token_data(t, 0.0, 0.0) for t in range(n_vocab)])
+    arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+    return {data[i].id for i in range(n_vocab) if data[i].logit != float("-inf")}

@@ -27,12 +27,11 @@ def test_a_string_holds_no_raw_control_character() -> None:
     """llama-cpp-python's converter let a JSON string take a raw newline, which no JSON parser
     reads (bench/soak.py's json_schema answers failed `orjson.loads` twice in 536). Checked on
     SmolLM2's real vocabulary, inside llama.cpp."""
-    import ctypes
 
     import llama_cpp
     from llama_cpp._internals import LlamaModel
 
-    from tests.helpers import smollm_path
+    from tests.helpers import allowed_tokens, smollm_path
     from workers.engine import sampling
 
     params = llama_cpp.llama_model_default_params()
@@ -45,12 +44,6 @@ def test_a_string_holds_no_raw_control_character() -> None:
         sampler = sampling._grammar_sampler(model, schema_grammar(schema))
         n_vocab = model.n_vocab()
 
-        def allowed() -> set[int]:
-            data = (llama_cpp.llama_token_data * n_vocab)(
-                *[llama_cpp.llama_token_data(t, 0.0, 0.0) for t in range(n_vocab)])
-            arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
-            return {data[i].id for i in range(n_vocab) if data[i].logit != float("-inf")}
 
         def token(text: str) -> int:
             [t] = model.tokenize(text.encode(), add_bos=False, special=False)
@@ -59,7 +52,7 @@ def test_a_string_holds_no_raw_control_character() -> None:
         for text in ('{"name": "Ann', '", "note": "Hi'):
             for t in model.tokenize(text.encode(), add_bos=False, special=False):
                 llama_cpp.llama_sampler_accept(sampler, t)
-            ok = allowed()
+            ok = allowed_tokens(sampler, n_vocab)
             assert token("\n") not in ok and token("\t") not in ok
             assert token("a") in ok and token(" and") in ok
     finally:

@@ -141,13 +141,12 @@ def test_templates_render_a_tool_conversation(template: str, family: str | None)
 def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
     """The Hermes grammar on SmolLM2's real vocabulary, inside llama.cpp: free text until
     `<tool_call>`, then only what leads to a valid call of a known tool."""
-    import ctypes
 
     import llama_cpp
     from llama_cpp._internals import LlamaModel
 
     from shared.jobs import Tools
-    from tests.helpers import smollm_path
+    from tests.helpers import allowed_tokens, smollm_path
     from workers.engine import sampling
 
     params = llama_cpp.llama_model_default_params()
@@ -163,12 +162,6 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
         sampler = sampling._grammar_sampler(model, plan.grammar)
         n_vocab = model.n_vocab()
 
-        def allowed() -> set[int]:
-            data = (llama_cpp.llama_token_data * n_vocab)(
-                *[llama_cpp.llama_token_data(t, 0.0, 0.0) for t in range(n_vocab)])
-            arr = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
-            return {data[i].id for i in range(n_vocab) if data[i].logit != float("-inf")}
 
         def accept(text: str) -> None:
             for token in model.tokenize(text.encode(), add_bos=False, special=False):
@@ -179,12 +172,12 @@ def test_lazy_grammar_waits_for_the_trigger_then_holds_the_call() -> None:
             return t
 
         accept("Let me look that up. ")
-        assert len(allowed()) == n_vocab  # not triggered: any text goes
+        assert len(allowed_tokens(sampler, n_vocab)) == n_vocab  # not triggered: any text goes
         accept("<tool_call>\n")
-        free = allowed()
+        free = allowed_tokens(sampler, n_vocab)
         assert token("Hello") not in free and token("{") in free
         accept('{"name": "')
-        named = allowed()
+        named = allowed_tokens(sampler, n_vocab)
         assert token("get") in named and token("Hello") not in named  # no tool of that name
     finally:
         model.close()

@@ -26,7 +26,7 @@ from shared.errors import ContextLengthExceeded, FerryError, InvalidRequest, Wor
 from shared.jobs import EmbeddingJob
 from shared.registry.models import ModelRecord
 from shared.settings import Settings
-from workers.engine.engine import load_model, physical_cores
+from workers.engine.engine import load_model, new_context, physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,7 @@ class Embedder:
         cparams.n_seq_max = SEQUENCES
         cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = settings.n_threads or physical_cores()
-        try:
-            ctx = LlamaContext(model=model, params=cparams, verbose=False)
-        except Exception:
-            model.close()
-            raise
-        return cls(model, ctx, record, settings)
+        return cls(model, new_context(model, cparams), record, settings)
 
     def close(self) -> None:
         self.inbox.put(None)

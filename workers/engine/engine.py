@@ -56,12 +56,7 @@ class Engine:
         cparams.n_seq_max = settings.parallel
         cparams.kv_unified = True  # one cache for all sequences: one prompt may fill it
         cparams.n_threads = cparams.n_threads_batch = settings.n_threads or physical_cores()
-        try:
-            ctx = LlamaContext(model=model, params=cparams, verbose=False)
-        except Exception:
-            model.close()
-            raise
-        return cls(model, ctx, record, settings, post)
+        return cls(model, new_context(model, cparams), record, settings, post)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -110,6 +105,15 @@ def load_model(record: ModelRecord, settings: Settings, gpu: bool, one_gpu: bool
         mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
         mparams.main_gpu = 0
     return LlamaModel(path_model=record.path, params=mparams, verbose=False)
+
+
+def new_context(model: LlamaModel, cparams: llama_cpp.llama_context_params) -> LlamaContext:
+    """A llama.cpp context on `model`; if llama.cpp refuses it, the model is freed too."""
+    try:
+        return LlamaContext(model=model, params=cparams, verbose=False)
+    except Exception:
+        model.close()
+        raise
 
 
 def physical_cores() -> int:
