@@ -8,7 +8,7 @@ With --peer, llama-server (from `make peers`; same GGUF, threads, slots and cont
 the same requests from a client at --concurrency, after the batch alone, in the same run.
 
     python bench/batch.py [--lines 1000] [--tokens 16] [--probes 20] [--parallel 8] [--gpu N]
-                          [--peer] [--concurrency 8 16] [--streams 8] [--threads N] [--rounds 1]
+                          [--peer] [--concurrency 8 [16 ...]] [--streams 8] [--threads N] [--rounds 1]
 
 Prints each round's wall time and output tokens/s (from usage) for the batch and the peer (at each
 --concurrency; the ratio is to the best of them), the per-round ratios and their median, TTFT
@@ -88,6 +88,16 @@ def run_peer(url: str, data: bytes, concurrency: int) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def peers(url: str, args: argparse.Namespace, rnd: int) -> tuple[str, float]:
+    """The peer at each --concurrency: what it did, and its best output tokens/s."""
+    line, best = "", 0.0
+    for c in args.concurrency:
+        peer_s, peer_tokens = run_peer(url, batch_file(args.lines, args.tokens, f"Peer{rnd}c{c}"), c)
+        best = max(best, peer_tokens / peer_s)
+        line += f", llama-server c{c} {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
+    return line, best
+
+
 def ttft(http: httpx.Client, i: int) -> float:
     body = {"model": MODEL, "max_tokens": 4, "stream": True, "messages": [
         {"role": "user", "content": f"Probe {i}: say hi."}]}
@@ -141,7 +151,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--gpu", type=int)
     p.add_argument("--peer", action="store_true", help="also llama-server, driven by a client")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16],
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8],
                    help="the peer's client concurrency: each round takes the best of these")
     p.add_argument("--streams", type=int, default=8,
                    help="interactive users streaming at once, idle and during the batch")
@@ -180,20 +190,20 @@ def main() -> None:
             if args.peer:
                 run_peer(peer, batch_file(16, 4, "Warm"), max(args.concurrency))
             ratios = []
-            for rnd in range(args.rounds):  # each round: Ferry's batch alone, then the peer
-                time.sleep(11)  # past the worker's hold for interactive requests: alone
+            for rnd in range(args.rounds):
+                # each round: Ferry's batch alone and the peer, in turn first (drift hits both)
+                peer_line, best = "", 0.0
+                if args.peer and rnd % 2:
+                    peer_line, best = peers(peer, args, rnd)
+                time.sleep(2)  # the interactive probes' last jobs gone: the batch alone
                 alone_s, batch = run_batch(http, batch_file(args.lines, args.tokens, f"Alone{rnd}"))
                 tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
+                if args.peer and not rnd % 2:
+                    peer_line, best = peers(peer, args, rnd)
                 line = f"round {rnd}: ferry {alone_s:.1f} s ({tokens / alone_s:.0f} tokens/s)"
                 if args.peer:
-                    best = 0.0
-                    for c in args.concurrency:
-                        peer_s, peer_tokens = run_peer(
-                            peer, batch_file(args.lines, args.tokens, f"Peer{rnd}c{c}"), c)
-                        best = max(best, peer_tokens / peer_s)
-                        line += f", llama-server c{c} {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
                     ratios.append((tokens / alone_s) / best)
-                    line += f", ratio to the best {ratios[-1]:.2f}"
+                    line += f"{peer_line}, ratio to the best {ratios[-1]:.2f}"
                 print(line, flush=True)
             data = batch_file(args.lines, args.tokens, "Probed")
             during: list[float] = []
