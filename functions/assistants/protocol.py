@@ -72,9 +72,11 @@ class ThreadCreate(_Body):
 
 
 class ThreadModify(_Body):
-    title: str | None = Field(None, max_length=512)
+    """Only the fields sent change (a thread's title and assistants cannot be null)."""
+
+    title: str = Field("", max_length=512)
     model: str | None = None
-    assistants: list[ThreadAssistant] | None = Field(None, max_length=8)
+    assistants: list[ThreadAssistant] = Field([], max_length=8)
 
 
 class RunCreate(_Body):

@@ -62,6 +62,10 @@ def test_thread_crud_deletes_its_messages(http: httpx.Client, rds: Any) -> None:
     assert http.get(f"/v1/threads/{tid}").json()["title"] == "t"
     assert http.patch(f"/v1/threads/{tid}", json={"title": "renamed"}).json()["title"] == "renamed"
     assert http.post(f"/v1/threads/{tid}", json={"metadata": {"a": "b"}}).json()["metadata"] == {"a": "b"}
+    # a null title or assistants list is refused, not stored (every later read of it was a 500)
+    for field in ("title", "assistants"):
+        assert http.patch(f"/v1/threads/{tid}", json={field: None}).status_code == 400
+    assert http.get(f"/v1/threads/{tid}").json()["title"] == "renamed"
     msg = say(http, tid, "second")
     assert msg["object"] == "thread.message" and msg["thread_id"] == tid
     assert msg["content"] == [{"type": "text", "text": {"value": "second", "annotations": []}}]
