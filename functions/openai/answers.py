@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
 from shared.jobs import Logprobs
 
@@ -147,6 +147,10 @@ class AsyncStatus(BaseModel):
     model: str
     status: Literal["queued", "in_progress", "failed", "cancelled"]
     error: dict[str, Any] | None = None
+
+
+class CompletionOrStatus(RootModel[ChatCompletion | TextCompletion | AsyncStatus]):
+    """`GET …/completions/{id}`: the completion once it finished, else its status."""
 
 
 class ModelInfo(BaseModel):

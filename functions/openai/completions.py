@@ -66,7 +66,7 @@ async def resume(job_id: str) -> Response:
 @bp.get("/chat/completions/<job_id>")
 @bp.get("/completions/<job_id>")
 @operation("Get a completion: the answer once finished, else its status (async requests)",
-           response=a.AsyncStatus)
+           response=a.CompletionOrStatus)
 async def get(job_id: str) -> Any:
     st = state()
     job_id = _job_id(job_id)
