@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 from ferry import lifeline
-from ferry.lifeline import die_with_parent
 from ferry.models_cli import URL_FILE
 from ferry.redis_server import EmbeddedRedis
 from shared.settings import Settings
@@ -38,7 +37,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, start_new_session=True, preexec_fn=die_with_parent
+            self.argv, env=self.env, start_new_session=True, preexec_fn=lifeline.die_with_parent
         )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)

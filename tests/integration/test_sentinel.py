@@ -9,17 +9,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
 
 from ferry.redis_server import free_port, server_binary
 from shared.jobs import entry_number
 from shared.redis import sentinels
-from tests.helpers import own_model, sse_events, start_web, start_worker
+from tests.helpers import own_model, start_web, start_worker
+from tests.integration.test_redis_restart import MODEL, read, text
 
 MASTER = "mymaster"
 
@@ -156,36 +155,13 @@ def test_a_stream_goes_on_through_a_failover(
     every chunk once. Replication is asynchronous, so the replica may lack the stream's last
     entries: then the stream ends with `stream_lost`, never with a gap."""
     env = {**env, "REDIS_URL": sentinel_set.url, "FERRY_STREAM_INTERVAL_MS": "0"}
-    worker = start_worker(env, str(own_model(tmp_path, "ha-stream")), tmp_path / "worker.log")
+    worker = start_worker(env, str(own_model(tmp_path, MODEL)), tmp_path / "worker.log")
     web, base = start_web(env, tmp_path / "web.log")
-    body = {"model": "ha-stream", "temperature": 0, "max_tokens": 120, "stream": True,
-            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
-
-    def read(kill_after: int | None) -> tuple[list[int], list[dict[str, Any]]]:
-        numbers, datas, content = [], [], 0
-        with httpx.Client(base_url=base, timeout=120) as http, \
-                http.stream("POST", "/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            for event_id, data in sse_events(r.iter_lines()):
-                if data == "[DONE]":
-                    break
-                datas.append(orjson.loads(data))
-                if event_id:
-                    numbers.append(entry_number(event_id))
-                if datas[-1].get("choices") and datas[-1]["choices"][0]["delta"].get("content"):
-                    content += 1
-                    if content == kill_after:
-                        sentinel_set.master.kill()
-        return numbers, datas
-
-    def text(datas: list[dict[str, Any]]) -> str:
-        return "".join(d["choices"][0]["delta"].get("content") or ""
-                       for d in datas if d.get("choices"))
-
     try:
-        _, calm = read(None)
-        numbers, datas = read(kill_after=5)
+        _, calm = read(base)
+        ids, datas = read(base, kill_after=5, on_kill=sentinel_set.master.kill)
         assert sentinel_set.master.poll() is not None  # the master died mid-stream
+        numbers = [entry_number(i) for i in ids if i]
         assert numbers == sorted(set(numbers)), "a chunk came twice, or out of order"
         print(f"through the failover: {datas[-1].get('error') or 'the whole answer'}")
         if "error" in datas[-1]:
@@ -193,7 +169,8 @@ def test_a_stream_goes_on_through_a_failover(
             assert calm and text(calm).startswith(text(datas[:-1]))
         else:
             assert text(datas) == text(calm) and len(text(calm)) > 100
-            assert datas[-1]["choices"][0]["finish_reason"] == "length"
+            finishes = [d["choices"][0]["finish_reason"] for d in datas if d.get("choices")]
+            assert finishes[-1] == "length"
         assert worker.p.poll() is None and web.p.poll() is None  # nobody restarted
     finally:
         web.stop()
