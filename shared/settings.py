@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     parallel: int = Field(
         8, ge=1, le=256, description="Sequences a loaded model generates at once (one KV cache "
         "of ctx_len tokens shared by all)")
+    batch_parallel: int | None = Field(
+        None, ge=1, le=256, description="Sequences batch lines may fill while no interactive job "
+        "runs, in the same KV cache (unset: 2 × parallel; interactive jobs pause lines back to "
+        "parallel)")
     cache_ram_mb: int = Field(
         1024, ge=0, description="Host memory (MiB) per loaded model for idle sequences' KV cache: "
         "moved out of the context while others generate, back when a prompt starts the same "
@@ -162,4 +166,9 @@ class Settings(BaseSettings):
     @property
     def models_path(self) -> Path:
         return self.models_dir or self.data_dir / "models"
+
+    @property
+    def sequences(self) -> int:
+        """The context's sequences: batch lines may fill all of them, interactive jobs `parallel`."""
+        return max(self.parallel, self.batch_parallel or 2 * self.parallel)
 

@@ -37,17 +37,18 @@ class FerryWorker(Worker):
     worker blocks on those lists instead of sleeping, so a new job starts within a Redis round trip
     rather than up to half a second later.
 
-    It takes interactive jobs while fewer than the engine's `capacity` (its sequences) run: the
-    engine pauses batch lines for them. It takes batch lines while fewer than `capacity` plus
-    `ahead` jobs of any kind run, so that lines wait in the engine, which starts one in the very
-    step another ends, rather than in Redis.
+    It takes interactive jobs while fewer than the engine's `capacity` (`FERRY_PARALLEL`) run:
+    the engine pauses batch lines for them. It takes batch lines while fewer than
+    `batch_capacity` (every sequence) plus `ahead` jobs of any kind run, so that lines wait in
+    the engine, which starts one in the very step another ends, rather than in Redis.
     """
 
     def __init__(self, *, model: str, worker_id: str, route_wait_ms: int, capacity: int,
-                 **kwargs: Any) -> None:
-        self.capacity, self.ahead = capacity, max(2, capacity // 2)
+                 batch_capacity: int, **kwargs: Any) -> None:
+        self.capacity, self.batch_capacity = capacity, batch_capacity
+        self.ahead = max(2, batch_capacity // 2)
         super().__init__(poll_delay=0, queue_name=keys.queue(model),
-                         max_jobs=2 * capacity + self.ahead, **kwargs)
+                         max_jobs=capacity + batch_capacity + self.ahead, **kwargs)
         self.worker_id = worker_id
         self.wake_keys = [keys.wake_worker(model, worker_id), keys.wake(model)]
         self.prefer_key = keys.model_prefer(model)
@@ -92,7 +93,7 @@ class FerryWorker(Worker):
                     continue  # every sequence serves an interactive job: another worker may
                 interactive += 1
                 self.interactive.add(job_id.decode())
-            elif jobs >= self.capacity + self.ahead or interactive >= self.capacity:
+            elif jobs >= self.batch_capacity + self.ahead or interactive >= self.capacity:
                 continue  # a batch line: enough wait in the engine, or none would start soon
             take.append(job_id)
             jobs += 1
@@ -136,6 +137,7 @@ class ModelConsumer:
             redis_settings=redis_settings(self.redis_url),
             ctx={"ferry": loaded},
             capacity=loaded.engine.capacity,  # the engine batches them; more wait in Redis
+            batch_capacity=loaded.engine.batch_capacity,
             job_timeout=loaded.settings.job_timeout_s,
             keep_result=60,
             job_serializer=serialize,

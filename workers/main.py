@@ -110,7 +110,7 @@ class WorkerProcess:
         if record.id in self.consumers:
             return record.id
         need = models.need_bytes(record, self.settings.ctx_len, self.settings.n_batch,
-                                 self.settings.parallel)
+                                 self.settings.sequences)
         if need > self.info.capacity:
             raise InsufficientMemory(f"Model '{record.id}' needs about {need >> 20} MiB; this "
                                      f"worker has {self.info.capacity >> 20} MiB")
@@ -123,7 +123,8 @@ class WorkerProcess:
             if record.embeds else await asyncio.to_thread(Engine.load, record, self.settings, gpu,
                                                           one_gpu, self.publisher.post)
         record.ctx_len = engine.n_ctx
-        usage = ModelUsage(id=record.id, need=need, last_used=time.time(), slots=engine.capacity)
+        usage = ModelUsage(id=record.id, need=need, last_used=time.time(), slots=engine.capacity,
+                           batch_slots=engine.batch_capacity)
         self.consumers[record.id] = ModelConsumer(LoadedModel(
             settings=self.settings, redis=self.redis, engine=engine,
             publisher=self.publisher, worker_id=self.info.id, usage=usage,

@@ -8,8 +8,8 @@ appears once, and a line whose job was lost (its worker died, or it never reache
 again under a new job id.
 
 A model's batch lines in the queue are bounded (`window`): twice every sequence of every worker
-serving the model, so that lines wait in each worker's engine and in Redis, never for this loop's
-tick. Workers run interactive jobs first: they queue ahead of batch lines in Redis, and a worker's
+serving the model (its heartbeat says how many), so that lines wait in each worker's engine and
+in Redis, never for this loop's tick. Workers run interactive jobs first: they queue ahead of batch lines in Redis, and a worker's
 engine pauses batch lines to start them at once (`workers.engine.scheduler`).
 """
 
@@ -44,7 +44,10 @@ from shared.storage.objects import Batch, BatchCounts, FileObject
 log = logging.getLogger(__name__)
 
 LEASE_S = 10
-TICK_S = 0.05  # a line that ends waits at most this long for the next to go in
+# How often a running batch's ended lines are collected and more are queued. Lines wait queued
+# ahead (`_window`), so the tick paces no line; each tick's round trips take the CPU from the
+# workers' decoding where both share a machine.
+TICK_S = 0.25
 LOST_CHECK_S = 1.0  # how often running lines are checked for a worker that died under them
 
 
@@ -73,6 +76,7 @@ class BatchDriver:
                 return
             if batch.status == "validating":
                 await self._validate(batch)
+                continue  # its first lines go to the queue at once
             elif batch.status == "cancelling":
                 if await self._stop():
                     await self._finalize(batch, "cancelled")
@@ -86,6 +90,7 @@ class BatchDriver:
                 if await self._submit(batch):
                     await self._update({"in_progress"}, status="finalizing",
                                        finalizing_at=int(time.time()))
+                    continue  # its results are written at once
             await asyncio.sleep(TICK_S)
 
     async def _renew(self) -> bool:
@@ -154,8 +159,9 @@ class BatchDriver:
     async def _window(self, model: str) -> int:
         # Every sequence, and as many again waiting in the worker's engine and in Redis, so no
         # line waits for this loop's tick; the worker runs interactive jobs first (`Scheduler`).
-        per_worker = 2 * self.st.settings.parallel
-        return max(1, len(await liveness.live_workers(self.redis, model)) * per_worker)
+        sequences = [next(m.batch_slots for m in w.models if m.id == model)
+                     for w in await liveness.live_workers(self.redis, model)]
+        return max(1, 2 * sum(s or self.st.settings.sequences for s in sequences))
 
     async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:
         """Record the line as running, then queue its job (a crash in between leaves a running

@@ -79,7 +79,7 @@ async def start(redis: Redis, settings: Settings, model: str) -> WorkerInfo:
             raise Unavailable(f"Model '{model}' is still loading; retry shortly", code="timeout")
         await asyncio.sleep(0.1)
     try:
-        need = models.need_bytes(record, settings.ctx_len, settings.n_batch, settings.parallel)
+        need = models.need_bytes(record, settings.ctx_len, settings.n_batch, settings.sequences)
         workers = [w for w in await liveness.all_workers(redis) if not w.draining]
         placement = choose(workers, model, need)
         if not placement.already:

@@ -20,7 +20,8 @@ class ModelUsage(BaseModel):
     need: int  # estimated bytes it takes (`shared.models.need_bytes`)
     last_used: float  # unix time its last job ended (or it was loaded)
     jobs_in_flight: int = 0
-    slots: int = 0  # jobs it runs at once (its engine's sequences)
+    slots: int = 0  # interactive jobs it runs at once (`FERRY_PARALLEL`)
+    batch_slots: int = 0  # batch lines it runs at once with nothing interactive (its sequences)
 
 
 class WorkerInfo(BaseModel):

@@ -1,9 +1,9 @@
 """A batch uses the whole engine when it is alone, and an interactive job that comes starts at
 once: the engine pauses a batch line for it, and the line goes on afterwards.
 
-The worker here serves SmolLM2 under its own id with 4 sequences and writes every decode step
-(`FERRY_STREAM_INTERVAL_MS=0`), so when each line generated can be read from its stream's entry
-ids (Redis' clock, in ms).
+The worker here serves SmolLM2 under its own id with 6 sequences, 4 of them for interactive jobs,
+and writes every decode step (`FERRY_STREAM_INTERVAL_MS=0`), so when each line generated can be
+read from its stream's entry ids (Redis' clock, in ms).
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from shared import keys
 from tests.helpers import Proc, own_model, sse_events, start_worker
 from tests.integration.test_batches import jsonl
 
-PARALLEL = 4
+PARALLEL = 4  # the sequences at work while an interactive job is in
+SEQUENCES = 6  # those a batch alone fills
 
 
 @pytest.fixture(scope="module")
 def model(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("priority")
     worker: Proc = start_worker({**env, "FERRY_PARALLEL": str(PARALLEL),
+                                 "FERRY_BATCH_PARALLEL": str(SEQUENCES),
                                  "FERRY_STREAM_INTERVAL_MS": "0"},
                                 str(own_model(tmp, "prioritised")), tmp / "worker.log")
     yield "prioritised"
@@ -87,21 +89,21 @@ def most_at_once(spans_ms: list[tuple[int, int]]) -> int:
 
 def test_a_batch_alone_fills_every_sequence(base_url: str, model: str, http: httpx.Client,
                                             rds: redis.Redis) -> None:
-    batch_id = start(base_url, lines(model, 12, 24))
+    batch_id = start(base_url, lines(model, 18, 24))
     batch = finish(http, batch_id)
-    assert batch["request_counts"]["completed"] == 12
-    assert most_at_once(spans(rds, batch_id, 12)) == PARALLEL
+    assert batch["request_counts"]["completed"] == 18
+    assert most_at_once(spans(rds, batch_id, 18)) == SEQUENCES
 
 
 def test_an_interactive_request_pauses_a_line_and_starts_at_once(
         base_url: str, model: str, http: httpx.Client, rds: redis.Redis, worker_log: Path) -> None:
     count, long = 8, 160
     body = lines(model, count, 24)
-    for line in body[:PARALLEL]:  # these hold every sequence well past the interactive request
+    for line in body[:SEQUENCES]:  # these hold every sequence well past the interactive request
         line["body"]["max_tokens"] = long
     batch_id = start(base_url, body)
     deadline = time.monotonic() + 60
-    while len([k for k in rds.scan_iter(keys.stream(f"{batch_id}-*"))]) < PARALLEL:
+    while len([k for k in rds.scan_iter(keys.stream(f"{batch_id}-*"))]) < SEQUENCES:
         assert time.monotonic() < deadline, "the batch never filled the worker"
         time.sleep(0.05)
     time.sleep(0.3)  # every line past its prompt
@@ -112,13 +114,19 @@ def test_an_interactive_request_pauses_a_line_and_starts_at_once(
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=chat, timeout=60) as r:
         events = list(sse_events(r.iter_lines()))
     job = orjson.loads(events[0][1])["id"].removeprefix("chatcmpl-")
-    first_ms = int(rds.xrange(keys.stream(job))[0][0].split(b"-")[0])
+    own = [int(i.split(b"-")[0]) for i, _ in rds.xrange(keys.stream(job))]
+    first_ms, last_ms = own[0], own[-1]
     batch = finish(http, batch_id)
     lines_ms = spans(rds, batch_id, count)
     running = [end for begin, end in lines_ms if begin < sent_ms < end]
     # Every sequence was busy with a line, and the request did not wait for one to end.
-    assert len(running) == PARALLEL and first_ms < min(running), (sent_ms, first_ms, lines_ms)
+    assert len(running) == SEQUENCES and first_ms < min(running), (sent_ms, first_ms, lines_ms)
     assert "paused for an interactive job" in worker_log.read_text()
+    # While it ran, lines held the sequences left of `PARALLEL`: the others were paused.
+    beside = [line for line in range(count)
+              if any(first_ms < int(i.split(b"-")[0]) < last_ms
+                     for i, _ in rds.xrange(keys.stream(f"{batch_id}-{line}-0")))]
+    assert 0 < len(beside) <= PARALLEL - 1, (first_ms, last_ms, beside)
     # The paused line went on to its full length, its prompt counted once.
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
     out = [orjson.loads(line) for line in
@@ -127,7 +135,7 @@ def test_an_interactive_request_pauses_a_line_and_starts_at_once(
     assert len(answers) == count
     for i in range(count):
         usage = answers[f"l{i}"]["usage"]
-        assert usage["completion_tokens"] == (long if i < PARALLEL else 24), (i, usage)
+        assert usage["completion_tokens"] == (long if i < SEQUENCES else 24), (i, usage)
         assert usage["prompt_tokens"] == answers["l0"]["usage"]["prompt_tokens"], (i, usage)
 
 
@@ -136,7 +144,8 @@ def test_a_paused_line_gives_the_answer_it_gives_unpaused(
         tmp_path: Path) -> None:
     """One sequence, greedy: the line is paused mid-answer for an interactive request (its cells
     go to host memory and come back), and its answer equals the same request's, run alone."""
-    worker = start_worker({**env, "FERRY_PARALLEL": "1", "FERRY_STREAM_INTERVAL_MS": "0"},
+    worker = start_worker({**env, "FERRY_PARALLEL": "1", "FERRY_BATCH_PARALLEL": "1",
+                           "FERRY_STREAM_INTERVAL_MS": "0"},
                           str(own_model(tmp_path, "single")), tmp_path / "worker.log")
     try:
         line = lines("single", 1, 120)[0]

@@ -60,6 +60,7 @@ class Embedder:
         self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)
         self.n_seq = llama_cpp.llama_n_seq_max(ctx.ctx)
         self.capacity = self.n_seq  # jobs worth taking at once: each brings one input at least
+        self.batch_capacity = self.n_seq  # batch lines too
         # Longest input: the model's trained context, or less if Ferry's context is smaller.
         self.n_ctx = min(settings.ctx_len, model.n_ctx_train(), self.n_batch)
         self.memory = llama_cpp.llama_get_memory(ctx.ctx)  # None for an encoder such as BERT

@@ -39,11 +39,13 @@ class Engine:
         self.ctx = ctx
         self.record = record
         self.scheduler = Scheduler(model, ctx, settings.ctx_len, post,
-                                   host_bytes=settings.cache_ram_mb << 20)
+                                   host_bytes=settings.cache_ram_mb << 20,
+                                   interactive=settings.parallel)
         self.n_ctx = self.scheduler.n_ctx
-        self.capacity = len(self.scheduler.seqs)  # jobs worth taking at once
+        self.capacity = self.scheduler.interactive  # interactive jobs worth taking at once
+        self.batch_capacity = len(self.scheduler.seqs)  # batch lines, with nothing interactive
         self.n_vocab = model.n_vocab()
-        self.prompts = PromptBuilder(model, record, self.n_ctx, len(self.scheduler.seqs),
+        self.prompts = PromptBuilder(model, record, self.n_ctx, self.capacity,
                                      lambda: self.eog, settings.max_tokens)
 
     @classmethod
@@ -52,8 +54,8 @@ class Engine:
         model = load_model(record, settings, gpu, one_gpu)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = settings.ctx_len
-        cparams.n_batch = cparams.n_ubatch = max(settings.n_batch, settings.parallel)
-        cparams.n_seq_max = settings.parallel
+        cparams.n_batch = cparams.n_ubatch = max(settings.n_batch, settings.sequences)
+        cparams.n_seq_max = settings.sequences
         cparams.kv_unified = True  # one cache for all sequences: one prompt may fill it
         cparams.n_threads = cparams.n_threads_batch = settings.n_threads or physical_cores()
         return cls(model, new_context(model, cparams), record, settings, post)

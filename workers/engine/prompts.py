@@ -38,9 +38,10 @@ class Prompt:
 class PromptBuilder:
     """One model's way from a job to the scheduler's groups.
 
-    `n_ctx`: the context a sequence may fill; `width`: the context's sequences, the most choices
-    one group may hold; `eog`: the end-of-generation tokens, asked for only with `ignore_eos`;
-    `cap`: the server's limit on tokens generated per request (`FERRY_MAX_TOKENS`), if any.
+    `n_ctx`: the context a sequence may fill; `width`: the sequences interactive jobs may hold
+    (`FERRY_PARALLEL`), the most choices one group may hold; `eog`: the end-of-generation
+    tokens, asked for only with `ignore_eos`; `cap`: the server's limit on tokens generated per
+    request (`FERRY_MAX_TOKENS`), if any.
     """
 
     def __init__(self, model: LlamaModel, record: ModelRecord, n_ctx: int, width: int,

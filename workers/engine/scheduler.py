@@ -8,6 +8,10 @@ Logits are asked for only where a token is sampled, and each sequence samples wi
 llama.cpp sampler chain; its `Choice` then decides what goes out and whether it is done. Tasks
 join between steps and leave when they finish or are cancelled.
 
+Interactive tasks go first. Batch lines (background tasks) may fill every sequence while none
+is in; while one is, at most `interactive` (`FERRY_PARALLEL`) sequences work, so a step is as
+short as with interactive jobs alone, and an interactive task pauses batch lines to start.
+
 A finished sequence keeps its KV cache, and `PrefixCache` gives a new prompt the free sequence
 sharing the longest prefix with it, so only the rest is decoded; idle sequences' caches move to
 host memory while others run. With `n > 1` the prompt is decoded once, on one sequence, and
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel
@@ -36,12 +41,19 @@ from workers.engine.task import Group, Outcome, Post, Task
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.1  # how long the idle loop blocks for new work before looking again
+# After an interactive task, batch lines stay within `interactive` sequences this long more:
+# interactive requests come in bursts (a chat's turns, an agent's calls, many users), and each
+# would otherwise wait for a full-width step of batch lines to end before it starts.
+INTERACTIVE_HOLD_S = 2.0
 
 
 class Scheduler:
     def __init__(self, model: LlamaModel, ctx: LlamaContext, n_ctx: int, post: Post,
-                 host_bytes: int = 0) -> None:
-        """`host_bytes`: host memory for idle sequences' caches; 0: they stay in the context."""
+                 host_bytes: int = 0, interactive: int | None = None) -> None:
+        """`host_bytes`: host memory for idle sequences' caches; 0: they stay in the context.
+        `interactive`: the most sequences at work while an interactive task is in, and
+        `INTERACTIVE_HOLD_S` after (unset: all);
+        batch lines alone may fill every sequence."""
         self.model = model
         self.ctx = ctx
         self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)  # as asked for, or the context if smaller
@@ -53,6 +65,8 @@ class Scheduler:
         self.prefix = PrefixCache(model, ctx, host_bytes)
         self.memory, self.host = self.prefix.memory, self.prefix.host
         self.seqs = [Sequence(i) for i in range(llama_cpp.llama_n_seq_max(ctx.ctx))]
+        self.interactive = min(interactive or len(self.seqs), len(self.seqs))
+        self.held_until = 0.0  # monotonic: batch lines keep within `interactive` until then
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.tasks: list[Task] = []
         self.inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
@@ -122,17 +136,25 @@ class Scheduler:
 
     def _start_waiting(self) -> bool:
         """Give waiting groups free sequences, interactive tasks first, then batch lines, oldest
-        first within each; whether any started. An interactive group that finds too few free
-        sequences pauses batch lines for them. A group that must wait holds back every task
-        after it, so a batch line never takes the sequence an interactive job waits for."""
+        first within each; whether any started. Batch lines alone may fill every sequence; while
+        an interactive task is in, and `INTERACTIVE_HOLD_S` after, at most `interactive`
+        sequences work (each decode step stays as short as with interactive jobs alone), and an
+        interactive group that finds too little room pauses batch lines for it. A group that must wait holds back every task after it,
+        so a batch line never takes the sequence an interactive job waits for."""
         started = False
+        now = time.monotonic()
+        if any(not t.background for t in self.tasks):
+            self.held_until = now + INTERACTIVE_HOLD_S
+        limit = self.interactive if now < self.held_until else len(self.seqs)
         for task in sorted(self.tasks, key=lambda t: t.background):  # stable: oldest first
             while task.waiting:
                 free = [s for s in self.seqs if s.state is State.IDLE]
+                room = min(len(free), limit - (len(self.seqs) - len(free)))
                 group = task.waiting[0]
-                if len(free) < len(group.choices) and not task.background:
-                    free += self._pause_batch_lines(len(group.choices) - len(free))
-                if len(free) < len(group.choices):
+                if room < len(group.choices) and not task.background:
+                    paused = self._pause_batch_lines(len(group.choices) - room)
+                    free, room = free + paused, room + len(paused)
+                if room < len(group.choices):
                     return started
                 task.waiting.pop(0)
                 self._start(task, group, free)
@@ -212,7 +234,8 @@ class Scheduler:
                 self._end_largest()
 
     def _fill_batch(self) -> list[tuple[Sequence, list[int]]]:
-        """Put generating sequences' next tokens, then prompt chunks, into the batch."""
+        """Put generating sequences' next tokens, then prompt chunks (interactive ones first),
+        into the batch."""
         b = self.batch
         b.n_tokens = 0
         rows: list[tuple[Sequence, list[int]]] = []
@@ -234,7 +257,7 @@ class Scheduler:
             seq.row = -1
             if seq.state is State.GENERATING and b.n_tokens < self.n_batch:
                 add(seq, [seq.next], True)
-        for seq in self.seqs:
+        for seq in sorted(self.seqs, key=lambda s: s.task is not None and s.task.background):
             room = self.n_batch - b.n_tokens
             if seq.state is State.PROMPT and seq.todo and room > 0:
                 add(seq, seq.todo[:room], len(seq.todo) <= room)
