@@ -25,6 +25,7 @@ from tests.integration.test_batches import jsonl
 
 PARALLEL = 4  # the sequences at work while an interactive job is in
 SEQUENCES = 6  # those a batch alone fills
+CTX = 2048  # the KV cache, shared by them
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def model(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iter
     tmp = tmp_path_factory.mktemp("priority")
     worker: Proc = start_worker({**env, "FERRY_PARALLEL": str(PARALLEL),
                                  "FERRY_BATCH_PARALLEL": str(SEQUENCES),
-                                 "FERRY_STREAM_INTERVAL_MS": "0"},
+                                 "FERRY_CTX_LEN": str(CTX), "FERRY_STREAM_INTERVAL_MS": "0"},
                                 str(own_model(tmp, "prioritised")), tmp / "worker.log")
     yield "prioritised"
     worker.stop()
@@ -93,6 +94,23 @@ def test_a_batch_alone_fills_every_sequence(base_url: str, model: str, http: htt
     batch = finish(http, batch_id)
     assert batch["request_counts"]["completed"] == 18
     assert most_at_once(spans(rds, batch_id, 18)) == SEQUENCES
+
+
+def test_lines_beyond_parallel_start_only_where_the_kv_cache_holds_them_whole(
+        base_url: str, model: str, http: httpx.Client, rds: redis.Redis) -> None:
+    """Each line may come to hold its prompt and `max_tokens`: five such lines fit in the KV
+    cache, six would not, so a sixth never starts beside five (it would be ended short, with
+    `length`, when the cache filled)."""
+    body = lines(model, 10, 1)
+    prompt = http.post("/v1/chat/completions", json=body[0]["body"]).json()["usage"]["prompt_tokens"]
+    most = CTX // 5 - 30  # prompt + max_tokens: five fit, six do not
+    assert 5 * (most + 2) <= CTX < 6 * most
+    for line in body:
+        line["body"]["max_tokens"] = most - prompt
+    batch_id = start(base_url, body)
+    batch = finish(http, batch_id)
+    assert batch["request_counts"]["completed"] == 10
+    assert most_at_once(spans(rds, batch_id, 10)) == 5
 
 
 def test_an_interactive_request_pauses_a_line_and_starts_at_once(

@@ -154,12 +154,27 @@ class Scheduler:
                 if room < len(group.choices) and not task.background:
                     paused = self._pause_batch_lines(len(group.choices) - room)
                     free, room = free + paused, room + len(paused)
-                if room < len(group.choices):
+                if room < len(group.choices) or not self._fits(task, group):
                     return started
                 task.waiting.pop(0)
                 self._start(task, group, free)
                 started = True
         return started
+
+    def _fits(self, task: Task, group: Group) -> bool:
+        """Whether `group` may start now. Beyond `interactive` sequences a batch line starts only
+        if the KV cache could hold it whole beside what the working sequences may yet fill, each
+        to its `max_tokens` (or the context): more sequences must not end a line short for
+        want of cells (`_end_largest`)."""
+        busy = sum(s.active for s in self.seqs)
+        if not task.background or busy + len(group.choices) <= self.interactive:
+            return True
+        held = sum(self._most(s.group) for s in self.seqs if s.active and s.group is not None)
+        return held + len(group.choices) * self._most(group) <= self.n_ctx
+
+    def _most(self, group: Group) -> int:
+        """The most cells a choice of `group` may come to hold: its prompt and `max_tokens`."""
+        return len(group.tokens) + (self.n_ctx if group.max_tokens is None else group.max_tokens)
 
     def _pause_batch_lines(self, wanted: int) -> list[Sequence]:
         """Free up to `wanted` sequences that generate for batch lines, those with the fewest
