@@ -9,8 +9,9 @@ again under a new job id.
 
 A model's batch lines in the queue are bounded (`window`): twice every sequence of every worker
 serving the model (its heartbeat says how many), so that lines wait in each worker's engine and
-in Redis, never for this loop's tick. Workers run interactive jobs first: they queue ahead of batch lines in Redis, and a worker's
-engine pauses batch lines to start them at once (`workers.engine.scheduler`).
+in Redis, never for this loop's tick. Workers run interactive jobs first: they queue ahead of
+batch lines in Redis, and a worker's engine pauses batch lines to start them at once
+(`workers.engine.scheduler`).
 """
 
 from __future__ import annotations

@@ -139,8 +139,9 @@ class Scheduler:
         first within each; whether any started. Batch lines alone may fill every sequence; while
         an interactive task is in, and `INTERACTIVE_HOLD_S` after, at most `interactive`
         sequences work (each decode step stays as short as with interactive jobs alone), and an
-        interactive group that finds too little room pauses batch lines for it. A group that must wait holds back every task after it,
-        so a batch line never takes the sequence an interactive job waits for."""
+        interactive group that finds too little room pauses batch lines for it. A group that
+        must wait holds back every task after it, so a batch line never takes the sequence an
+        interactive job waits for."""
         started = False
         now = time.monotonic()
         if any(not t.background for t in self.tasks):
