@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 LEASE_S = 10
 # How often a running batch's ended lines are collected and more are queued. Lines wait queued
 # ahead (`_window`), so the tick paces no line; each tick's round trips take the CPU from the
-# workers' decoding where both share a machine.
+# workers' decoding where both share a machine. Once every line is queued, the batch's end
+# waits on the tick: it is shorter then.
 TICK_S = 0.25
+END_TICK_S = 0.05
 LOST_CHECK_S = 1.0  # how often running lines are checked for a worker that died under them
 
 
@@ -61,6 +63,7 @@ class BatchDriver:
         self.id = batch_id
         self._lost_checked_at = float("-inf")
         self.runner_id = runner_id
+        self.all_queued = False  # every line has gone to the queue
 
     def key(self, part: str) -> str:
         return keys.batch(self.id, part)
@@ -92,7 +95,7 @@ class BatchDriver:
                     await self._update({"in_progress"}, status="finalizing",
                                        finalizing_at=int(time.time()))
                     continue  # its results are written at once
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(END_TICK_S if self.all_queued else TICK_S)
 
     async def _renew(self) -> bool:
         lease = self.key("lease")
@@ -155,7 +158,8 @@ class BatchDriver:
                 break
             await self._start(batch, sent, entry, attempt=0)
             sent += 1
-        return sent >= total and not await self.redis.hlen(self.key("running"))
+        self.all_queued = sent >= total
+        return self.all_queued and not await self.redis.hlen(self.key("running"))
 
     async def _window(self, model: str) -> int:
         # Every sequence, and as many again waiting in the worker's engine and in Redis, so no
