@@ -118,10 +118,10 @@ class ModelRecord(BaseModel):
         })
 
 
-def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, parallel: int) -> int:
+def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, sequences: int) -> int:
     """Memory a loaded model takes, estimated: weights + KV cache + outputs + compute buffers.
 
-    All `parallel` sequences share one KV cache of `ctx_len` tokens; llama.cpp keeps a float32 row
+    All `sequences` share one KV cache of `ctx_len` tokens; llama.cpp keeps a float32 row
     of logits per output of a batch, at most one per batch slot, or for an embedding model a
     vector per token of a batch.
     """
@@ -131,7 +131,7 @@ def need_bytes(record: ModelRecord, ctx_len: int, n_batch: int, parallel: int) -
     if record.embeds:
         outputs = n_batch * (meta.get("embedding_length") or 0) * 4
     else:
-        outputs = max(n_batch, parallel) * (meta.get("vocab_size") or 0) * 4
+        outputs = max(n_batch, sequences) * (meta.get("vocab_size") or 0) * 4
     return int(size + kv + outputs + COMPUTE_OVERHEAD)
 
 

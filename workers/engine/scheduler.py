@@ -52,8 +52,7 @@ class Scheduler:
                  host_bytes: int = 0, interactive: int | None = None) -> None:
         """`host_bytes`: host memory for idle sequences' caches; 0: they stay in the context.
         `interactive`: the most sequences at work while an interactive task is in, and
-        `INTERACTIVE_HOLD_S` after (unset: all);
-        batch lines alone may fill every sequence."""
+        `INTERACTIVE_HOLD_S` after (unset: all); batch lines alone may fill every sequence."""
         self.model = model
         self.ctx = ctx
         self.n_batch = llama_cpp.llama_n_batch(ctx.ctx)  # as asked for, or the context if smaller
@@ -150,24 +149,24 @@ class Scheduler:
         for task in sorted(self.tasks, key=lambda t: t.background):  # stable: oldest first
             while task.waiting:
                 free = [s for s in self.seqs if s.state is State.IDLE]
-                room = min(len(free), limit - (len(self.seqs) - len(free)))
+                busy = len(self.seqs) - len(free)
+                room = min(len(free), limit - busy)
                 group = task.waiting[0]
                 if room < len(group.choices) and not task.background:
                     paused = self._pause_batch_lines(len(group.choices) - room)
                     free, room = free + paused, room + len(paused)
-                if room < len(group.choices) or not self._fits(task, group):
+                if room < len(group.choices) or not self._fits(task, group, busy):
                     return started
                 task.waiting.pop(0)
                 self._start(task, group, free)
                 started = True
         return started
 
-    def _fits(self, task: Task, group: Group) -> bool:
-        """Whether `group` may start now. Beyond `interactive` sequences a batch line starts only
-        if the KV cache could hold it whole beside what the working sequences may yet fill, each
-        to its `max_tokens` (or the context): more sequences must not end a line short for
-        want of cells (`_end_largest`)."""
-        busy = sum(s.active for s in self.seqs)
+    def _fits(self, task: Task, group: Group, busy: int) -> bool:
+        """Whether `group` may start beside the `busy` sequences. Beyond `interactive` sequences
+        a batch line starts only if the KV cache could hold it whole beside what the working
+        sequences may yet fill, each to its `max_tokens` (or the context): more sequences must
+        not end a line short for want of cells (`_end_largest`)."""
         if not task.background or busy + len(group.choices) <= self.interactive:
             return True
         held = sum(self._most(s.group) for s in self.seqs if s.active and s.group is not None)
