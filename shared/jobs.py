@@ -101,6 +101,7 @@ class GenerationJob(BaseModel):
     count_only: bool = False  # count the prompt's tokens (`final` usage), generate nothing
     clamp: bool = False  # max_tokens is a ceiling: held to the room the prompt leaves
     background: bool = False  # a batch line: behind every interactive job, in queue and engine
+    notify: str | None = None  # a list the worker pushes the job's id to once its stream ended
     session: str | None = None  # a client's conversation key (prompt_cache_key, a thread, ...)
     prefixes: list[str] = []  # hashes of the prompt's starts (`shared.fleet.cache_map`)
     route: Route | None = None  # the worker the handler chose, when more than one serves
@@ -120,6 +121,7 @@ class EmbeddingJob(BaseModel):
     inputs: list[str | list[int]]
     keep_s: int | None = None
     background: bool = False  # a batch line: queued behind every interactive job
+    notify: str | None = None  # as `GenerationJob.notify`
 
     @property
     def choice_count(self) -> int:

@@ -66,9 +66,23 @@ async def _generate(loaded: LoadedModel, gen: GenerationJob, ctx: dict[str, Any]
             await store.end_run(loaded.redis, gen.reply, outcome, last.model_dump() if last else None)
     if last is not None:
         await asyncio.to_thread(loaded.publisher.send, output, [last])
+    if gen.notify:
+        await notify(loaded, gen.notify, gen.id, gen.keep_s)
     log.info("job %s %s", gen.id, outcome)
     await _record(loaded, gen, ctx, outcome, output)
     return outcome
+
+
+async def notify(loaded: LoadedModel, key: str, job_id: str, keep_s: int | None) -> None:
+    """The job's stream has ended: say so on the list `key` (a batch's driver waits on it rather
+    than look at every line's stream). A notice lost here is found by the driver's own look."""
+    try:
+        async with loaded.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, job_id)
+            pipe.expire(key, keep_s or loaded.settings.stream_ttl_s)
+            await pipe.execute()
+    except Exception:
+        log.warning("could not say that job %s ended", job_id, exc_info=True)
 
 
 async def claim(loaded: LoadedModel, job_id: str, entries: list[str] | None = None) -> bool:

@@ -7,6 +7,10 @@ finished line's result. Results are keyed by line, so a line run twice after a c
 appears once, and a line whose job was lost (its worker died, or it never reached the queue) runs
 again under a new job id.
 
+A worker says on a list of the batch's when a line's job has ended (`job.notify`), so a tick
+finds the lines to collect in one round trip; every `LOOK_S` the driver looks at every running
+line itself, for a notice lost or a worker that died.
+
 A model's batch lines in the queue are bounded (`window`): twice every sequence of every worker
 serving the model (its heartbeat says how many), so that lines wait in each worker's engine and
 in Redis, never for this loop's tick. Workers run interactive jobs first: they queue ahead of
@@ -45,13 +49,16 @@ from shared.storage.objects import Batch, BatchCounts, FileObject
 log = logging.getLogger(__name__)
 
 LEASE_S = 10
+RENEW_S = 1.0  # how often the lease is renewed (and found still this runner's)
 # How often a running batch's ended lines are collected and more are queued. Lines wait queued
 # ahead (`_window`), so the tick paces no line; each tick's round trips take the CPU from the
 # workers' decoding where both share a machine. Once every line is queued, the batch's end
 # waits on the tick: it is shorter then.
 TICK_S = 0.25
 END_TICK_S = 0.05
-LOST_CHECK_S = 1.0  # how often running lines are checked for a worker that died under them
+# A worker says when a line's job ended (`job.notify`); every LOOK_S the driver also looks at
+# every running line itself: one whose notice was lost, or whose worker died under it.
+LOOK_S = 2.0
 
 
 class BatchDriver:
@@ -61,7 +68,8 @@ class BatchDriver:
         self.st = st
         self.redis = st.redis
         self.id = batch_id
-        self._lost_checked_at = float("-inf")
+        self._looked_at = float("-inf")
+        self._renewed_at = float("-inf")
         self.runner_id = runner_id
         self.all_queued = False  # every line has gone to the queue
 
@@ -98,10 +106,15 @@ class BatchDriver:
             await asyncio.sleep(END_TICK_S if self.all_queued else TICK_S)
 
     async def _renew(self) -> bool:
+        """Whether this runner still holds the batch's lease, renewed every `RENEW_S` (another
+        runner takes it only once it has run out)."""
+        if time.monotonic() - self._renewed_at < RENEW_S:
+            return True
         lease = self.key("lease")
         if await self.redis.get(lease) != self.runner_id.encode():
             return False
         await self.redis.expire(lease, LEASE_S)
+        self._renewed_at = time.monotonic()
         return True
 
     async def _update(self, when: set[str] | None = None, **changes: Any) -> Batch | None:
@@ -135,7 +148,7 @@ class BatchDriver:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key("input"), self.key("next"), self.key("running"),
-                        self.key("results"))
+                        self.key("results"), self.key("ended"))
             for k in range(0, len(entries), 1000):
                 pipe.hset(self.key("input"), mapping={
                     str(k + j): orjson.dumps(e).decode() for j, e in enumerate(entries[k:k + 1000])})
@@ -151,12 +164,17 @@ class BatchDriver:
         """Queue lines while the models' windows allow; True when every line has a result."""
         total = batch.request_counts.total
         sent = int(await self.redis.get(self.key("next")) or 0)
+        room: dict[str, int] = {}  # places left in each model's window
         while sent < total:
             entry = orjson.loads(await self.redis.hget(self.key("input"), str(sent)))
             model = (entry["body"].get("model") or self.st.settings.default_model)
-            if await self.redis.scard(keys.batch_lines(model)) >= await self._window(model):
+            if model not in room:
+                room[model] = (await self._window(model)
+                               - await self.redis.scard(keys.batch_lines(model)))
+            if room[model] <= 0:
                 break
             await self._start(batch, sent, entry, attempt=0)
+            room[model] -= 1
             sent += 1
         self.all_queued = sent >= total
         return self.all_queued and not await self.redis.hlen(self.key("running"))
@@ -188,7 +206,7 @@ class BatchDriver:
                 await pipe.execute()
             await self._count(failed=1)
             return
-        job.id, job.background = f"{self.id}-{line}-{attempt}", True
+        job.id, job.background, job.notify = f"{self.id}-{line}-{attempt}", True, self.key("ended")
         meta = JobMeta(id=job.id, kind=job.kind, model=record.id, created=int(time.time()),
                        choices=job.choice_count)
         # what _finish renders with
@@ -205,22 +223,29 @@ class BatchDriver:
             log.info("batch %s line %d not queued yet: %s", self.id, line, e.message)
 
     async def _collect(self, batch: Batch) -> None:
-        """Write the results of lines that ended (one round trip finds them), and, every
-        `LOST_CHECK_S`, run again those whose job was lost: the web process's work per tick
-        takes the CPU from the workers' decoding where both share a machine."""
+        """Write the results of the lines whose workers said they ended (`job.notify`: one round
+        trip finds them). Every `LOOK_S` look at every running line too: one that ended unsaid
+        is collected, one whose job was lost runs again. Looking at every line at every tick
+        made most of a batch's Redis commands, and the web process's work takes the CPU from
+        the workers' decoding where both share a machine."""
+        said = {j.decode() for j in await self.redis.lpop(self.key("ended"), 10_000) or []}
+        look = time.monotonic() - self._looked_at >= LOOK_S
+        if not said and not look:
+            return
+        if look:
+            self._looked_at = time.monotonic()
         running_lines = [(int(k), orjson.loads(v))
                          for k, v in (await self.redis.hgetall(self.key("running"))).items()]
+        if not look:
+            running_lines = [(line, r) for line, r in running_lines if r["id"] in said]
         done = await ended(self.redis, [r["id"] for _, r in running_lines])
-        check_lost = time.monotonic() - self._lost_checked_at >= LOST_CHECK_S
-        if check_lost:
-            self._lost_checked_at = time.monotonic()
         for (line, running), finished in zip(running_lines, done, strict=True):
             if finished:
                 await self._finish(line, running)
             # Lost: its worker died under it (even before recording itself as the owner), or it
             # is not queued (it never got there, or arq dropped it as orphaned): it never ends.
-            elif check_lost and await job_lost(self.redis, running["id"], self.st.settings,
-                                               model=running["model"]):
+            elif look and await job_lost(self.redis, running["id"], self.st.settings,
+                                         model=running["model"]):
                 log.warning("batch %s: job %s was lost; running line %d again", self.id,
                             running["id"], line)
                 await withdraw(self.redis, running["id"], running["model"], self.st.settings)
@@ -342,6 +367,7 @@ class BatchDriver:
         async with self.redis.pipeline(transaction=True) as pipe:
             for r in running:  # still running when the batch expired: its place is free again
                 pipe.srem(keys.batch_lines(r["model"]), r["id"])
-            pipe.delete(*(self.key(p) for p in ("input", "next", "running", "results", "lease")))
+            pipe.delete(*(self.key(p) for p in ("input", "next", "running", "results", "ended",
+                                                "lease")))
             pipe.srem(keys.BATCHES, self.id)
             await pipe.execute()

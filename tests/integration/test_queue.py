@@ -12,7 +12,10 @@ import orjson
 import redis
 
 from functions.queue.handle import TAKE_GRACE_S, JobState, job_state, taken_s_ago
+from functions.queue.reader import read_all
+from functions.queue.submit import JobMeta, submit
 from shared import keys
+from shared.jobs import Error, Final, GenerationJob, Sampling
 from shared.redis import connect
 from shared.settings import Settings
 from tests.helpers import SMOLLM, Proc, sse_events, start_worker
@@ -325,3 +328,38 @@ def test_where_a_job_is_is_answered_in_one_place(redis_url: str) -> None:
 
     assert asyncio.run(go()) == [JobState.QUEUED, JobState.QUEUED, JobState.LOST, JobState.TAKEN,
                                  JobState.LOST, JobState.LOST, JobState.RUNNING]
+
+
+def test_a_worker_says_on_the_notify_list_when_a_job_ended(redis_url: str, worker: Proc) -> None:
+    """A batch's driver learns which lines ended from one list (`job.notify`), not by looking at
+    every line's stream: the worker pushes the job's id there once the stream has its last
+    message, whether the job completed or failed."""
+    settings = Settings()
+
+    async def go() -> dict[str, list[object]]:
+        redis = await connect(redis_url)
+        notify, tag = f"test:notify:{time.time_ns()}", time.time_ns()
+        jobs = [GenerationJob(id=f"ok-{tag}", model=SMOLLM, kind="text", prompts=["1, 2, 3,"],
+                              sampling=Sampling(max_tokens=3), notify=notify, background=True),
+                GenerationJob(id=f"bad-{tag}", model=SMOLLM, kind="text", prompts=["1, 2, 3,"],
+                              sampling=Sampling(max_tokens=10**6), notify=notify)]
+        try:
+            for job in jobs:
+                await submit(redis, job, JobMeta(id=job.id, kind="text", model=SMOLLM,
+                                                 created=int(time.time())), settings)
+            said: dict[str, list[object]] = {}  # each job said, and its stream as it was then
+            deadline = time.monotonic() + 60
+            while len(said) < len(jobs) and time.monotonic() < deadline:
+                if (item := await redis.blpop([notify], timeout=1)) is not None:
+                    said[item[1].decode()] = list(await read_all(redis, item[1].decode()))
+            return said
+        finally:
+            await redis.delete(notify, *(keys.stream(job.id) for job in jobs))
+            await redis.aclose()
+
+    said = asyncio.run(go())
+    assert len(said) == 2, said
+    ok = next(v for k, v in said.items() if k.startswith("ok-"))
+    bad = next(v for k, v in said.items() if k.startswith("bad-"))
+    assert isinstance(ok[-1], Final) and ok[-1].usage.completion_tokens == 3
+    assert isinstance(bad[-1], Error)
