@@ -12,7 +12,7 @@ from shared import keys, telemetry
 from shared.errors import FerryError, InvalidRequest
 from shared.jobs import EmbeddingJob, Error, Final, Usage, encode, entry_id
 from workers.engine.embedder import Embedder
-from workers.generate import CANCELLED, STOPPING, claim
+from workers.generate import CANCELLED, STOPPING, claim, say_ended
 from workers.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,8 @@ async def embed(ctx: dict[str, Any], *, job: dict[str, Any]) -> str:
                       id=entry_id(int(time.time() * 1000), 1))
             pipe.expire(keys.stream(request.id), request.keep_s or loaded.settings.stream_ttl_s)
             telemetry.record_embedding(pipe, request.model, outcome, packed)
-            if request.notify:  # see `workers.generate.notify`
-                pipe.rpush(request.notify, request.id)
-                pipe.expire(request.notify, request.keep_s or loaded.settings.stream_ttl_s)
+            if request.notify:
+                say_ended(pipe, loaded, request.notify, request.id, request.keep_s)
             await pipe.execute()
     except (RedisError, OSError) as e:  # the reader finds the worker alive, then the job lost
         log.warning("could not publish job %s: %s", request.id, e)

@@ -74,15 +74,21 @@ async def _generate(loaded: LoadedModel, gen: GenerationJob, ctx: dict[str, Any]
 
 
 async def notify(loaded: LoadedModel, key: str, job_id: str, keep_s: int | None) -> None:
-    """The job's stream has ended: say so on the list `key` (a batch's driver waits on it rather
-    than look at every line's stream). A notice lost here is found by the driver's own look."""
+    """The job's stream has ended: say so on the list `key`. A notice lost here is found by the
+    driver's own look."""
     try:
         async with loaded.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, job_id)
-            pipe.expire(key, keep_s or loaded.settings.stream_ttl_s)
+            say_ended(pipe, loaded, key, job_id, keep_s)
             await pipe.execute()
     except Exception:
         log.warning("could not say that job %s ended", job_id, exc_info=True)
+
+
+def say_ended(pipe: Any, loaded: LoadedModel, key: str, job_id: str, keep_s: int | None) -> None:
+    """Add to `pipe` the job's id on its `notify` list (a batch's driver pops it at its next
+    tick instead of reading every line's stream), kept as long as the job's stream."""
+    pipe.rpush(key, job_id)
+    pipe.expire(key, keep_s or loaded.settings.stream_ttl_s)
 
 
 async def claim(loaded: LoadedModel, job_id: str, entries: list[str] | None = None) -> bool:
