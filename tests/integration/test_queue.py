@@ -144,9 +144,18 @@ def test_queue_full_is_429(http: httpx.Client, rds: redis.Redis) -> None:
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
-def kill_once_running(rds: redis.Redis, worker: Proc) -> None:
+def running_jobs_of(rds: redis.Redis, model: str) -> list[str]:
+    """The jobs of `model` a worker has taken (arq's in-progress keys). Other tests' jobs on the
+    session's own worker may be in progress too: they are not this model's."""
+    ids = [k.decode().removeprefix("arq:in-progress:") for k in rds.scan_iter("arq:in-progress:*")]
+    metas = rds.mget([keys.job_meta(i) for i in ids]) if ids else []
+    return [i for i, m in zip(ids, metas, strict=True)
+            if m is not None and orjson.loads(m)["model"] == model]
+
+
+def kill_once_running(rds: redis.Redis, worker: Proc, model: str) -> None:
     deadline = time.monotonic() + 10
-    while not next(rds.scan_iter("arq:in-progress:*"), None) and time.monotonic() < deadline:
+    while not running_jobs_of(rds, model) and time.monotonic() < deadline:
         time.sleep(0.01)
     worker.kill()
 
@@ -193,9 +202,9 @@ def test_killed_worker_ends_streams_and_the_next_worker_serves(
             # The last answer can reach the client just before arq drops that job's in-progress
             # key: wait for it to go, so the kill is for the next job's.
             deadline = time.monotonic() + 10
-            while next(rds.scan_iter("arq:in-progress:*"), None) and time.monotonic() < deadline:
+            while running_jobs_of(rds, model) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            threading.Thread(target=kill_once_running, args=(rds, worker)).start()
+            threading.Thread(target=kill_once_running, args=(rds, worker, model)).start()
             lost = http.post("/v1/chat/completions",
                              json={**body, "stream": False, "max_tokens": 1500})
             assert lost.status_code == 503 and lost.headers["Retry-After"]
@@ -207,7 +216,7 @@ def test_killed_worker_ends_streams_and_the_next_worker_serves(
             queued = http.post("/v1/chat/completions", headers={"Prefer": "respond-async"},
                                json={**body, "stream": False, "max_tokens": 1500})
             assert queued.status_code == 202, queued.text
-            kill_once_running(rds, worker)
+            kill_once_running(rds, worker, model)
             rds.close()
             deadline = time.monotonic() + 30
             while (status := http.get(f"/v1/chat/completions/{queued.json()['id']}").json()
