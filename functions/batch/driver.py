@@ -182,9 +182,11 @@ class BatchDriver:
     async def _window(self, model: str) -> int:
         # Every sequence, and as many again waiting in the worker's engine and in Redis, so no
         # line waits for this loop's tick; the worker runs interactive jobs first (`Scheduler`).
+        # No more than the queue takes (`FERRY_QUEUE_LIMIT`): a line refused would run again.
         sequences = [next(m.batch_slots for m in w.models if m.id == model)
                      for w in await liveness.live_workers(self.redis, model)]
-        return max(1, 2 * sum(s or self.st.settings.sequences for s in sequences))
+        window = 2 * sum(s or self.st.settings.sequences for s in sequences)
+        return max(1, min(window, self.st.settings.queue_limit))
 
     async def _start(self, batch: Batch, line: int, entry: dict[str, Any], attempt: int) -> None:
         """Record the line as running, then queue its job (a crash in between leaves a running

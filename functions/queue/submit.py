@@ -43,9 +43,13 @@ class JobMeta(BaseModel):
 
 # arq's `enqueue_job` (its job key, payload and queue score), but only while the queue holds
 # fewer than the limit: checking the depth and enqueueing are one step, so a burst cannot overfill.
-# A routed job's worker is recorded in the same step, before any worker can see the job.
+# An interactive job does not count the batch lines queued (KEYS[4]): a batch's window may fill
+# the queue, never to refuse a user. A routed job's worker is recorded in the same step, before any
+# worker can see the job.
 ADMIT = """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local depth = redis.call('ZCARD', KEYS[1])
+if ARGV[7] == '0' then depth = depth - redis.call('SCARD', KEYS[4]) end
+if depth >= tonumber(ARGV[1]) then return 0 end
 redis.call('PSETEX', KEYS[2], ARGV[2], ARGV[3])
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
@@ -73,9 +77,10 @@ async def submit(redis: ArqRedis, job: GenerationJob | EmbeddingJob, meta: JobMe
     payload = serialize_job(function, (), {"job": job.model_dump(mode="json")}, None, now,
                             serializer=serialize)
     admitted = await redis.register_script(ADMIT)(
-        keys=[keys.queue(job.model), job_key_prefix + job.id, keys.model_prefer(job.model)],
+        keys=[keys.queue(job.model), job_key_prefix + job.id, keys.model_prefer(job.model),
+              keys.batch_lines(job.model)],
         args=[settings.queue_limit, redis.expires_extra_ms, payload, score, job.id,
-              routed.worker if routed else ""])
+              routed.worker if routed else "", int(job.background)])
     if not admitted:
         raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     async with redis.pipeline(transaction=False) as pipe:

@@ -15,6 +15,7 @@ from functions.queue.handle import TAKE_GRACE_S, JobState, job_state, taken_s_ag
 from functions.queue.reader import read_all
 from functions.queue.submit import JobMeta, submit
 from shared import keys
+from shared.errors import QueueFull
 from shared.jobs import Error, Final, GenerationJob, Sampling
 from shared.redis import connect
 from shared.settings import Settings
@@ -142,6 +143,39 @@ def test_queue_full_is_429(http: httpx.Client, rds: redis.Redis) -> None:
     finally:
         rds.zrem(queue, *fillers)
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_batch_lines_fill_the_queue_never_to_refuse_a_user(
+    http: httpx.Client, rds: redis.Redis, redis_url: str
+) -> None:
+    """A batch's lines may take every place in the queue (several workers' windows, say); an
+    interactive request does not count them, while another batch line is refused."""
+    queue, lines = keys.queue(SMOLLM), keys.batch_lines(SMOLLM)
+    far_future = time.time() * 1000 + 3_600_000  # never due, so the worker leaves them alone
+    fillers = {f"line-{i}": far_future for i in range(Settings().queue_limit)}
+    rds.zadd(queue, fillers)
+    rds.sadd(lines, *fillers)
+
+    async def one_more_line() -> str:
+        redis = await connect(redis_url)
+        job = GenerationJob(id=f"line-more-{time.time_ns()}", model=SMOLLM, kind="text",
+                            prompts=["x"], sampling=Sampling(max_tokens=1), background=True)
+        try:
+            await submit(redis, job, JobMeta(id=job.id, kind="text", model=SMOLLM,
+                                             created=int(time.time())), Settings())
+            return "queued"
+        except QueueFull:
+            return "refused"
+        finally:
+            await redis.aclose()
+
+    try:
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert asyncio.run(one_more_line()) == "refused"
+    finally:
+        rds.zrem(queue, *fillers)
+        rds.srem(lines, *fillers)
 
 
 def running_jobs_of(rds: redis.Redis, model: str) -> list[str]:
