@@ -13,12 +13,20 @@ at random: a first block alone (a system prompt that every conversation shares, 
 that saw it first) would otherwise send every new conversation to one worker while another idles;
 every worker soon holds it. If every worker is that loaded, the job is left to whichever frees a
 sequence first.
+
+A web process makes one routing decision at a time, each up to its job's place in the queue
+(`deciding`), so that the next sees the job routed before it: new conversations arriving together
+would otherwise all read the same loads and land on one worker, and their later turns follow.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import weakref
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -26,7 +34,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.fleet import cache_map
 from shared.fleet.liveness import WorkerInfo
-from shared.jobs import GenerationJob, Route
+from shared.jobs import EmbeddingJob, GenerationJob, Route
 from shared.settings import Settings
 
 
@@ -42,14 +50,33 @@ class Candidate:
         return self.load >= max(1.0, self.slots * max_load)
 
 
+_decisions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+    weakref.WeakKeyDictionary()
+
+
+def applies(job: GenerationJob | EmbeddingJob, workers: list[WorkerInfo],
+            settings: Settings) -> bool:
+    """Whether `job` has a route to choose: a chat or completion, not a batch line (it waits
+    behind every interactive job anyway), with routing on and two workers or more to choose from."""
+    return (isinstance(job, GenerationJob) and not job.background and settings.cache_routing
+            and sum(not w.draining for w in workers) >= 2)
+
+
+def deciding(job: GenerationJob | EmbeddingJob, workers: list[WorkerInfo],
+             settings: Settings) -> AbstractAsyncContextManager[object]:
+    """Held from choosing `job`'s route until it is queued, where there is a route to choose."""
+    if not applies(job, workers, settings):
+        return contextlib.nullcontext()
+    return _decisions.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
 async def choose(redis: Redis, job: GenerationJob, workers: list[WorkerInfo],
                  settings: Settings) -> Route | None:
     """The route for `job` among the live `workers` of its model; None where there is no choice
-    to make: one worker, a batch line (it waits behind every interactive job anyway), or
-    routing turned off."""
-    workers = [w for w in workers if not w.draining]
-    if len(workers) < 2 or job.background or not settings.cache_routing:
+    to make (`applies`)."""
+    if not applies(job, workers, settings):
         return None
+    workers = [w for w in workers if not w.draining]
     session = cache_map.session_hash(job.session) if job.session else None
     entries = job.prefixes + ([session] if session else [])
     async with redis.pipeline(transaction=False) as pipe:

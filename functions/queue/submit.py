@@ -70,17 +70,19 @@ async def submit(redis: ArqRedis, job: GenerationJob | EmbeddingJob, meta: JobMe
     routed: Route | None = None
     if isinstance(job, GenerationJob):
         job.prefixes = cache_map.prefix_hashes(job)
-        job.route = meta.route = routed = await route.choose(redis, job, workers, settings)
-    now = timestamp_ms()
-    score = now if job.background else now - AHEAD_MS
-    function = EMBED if isinstance(job, EmbeddingJob) else GENERATE
-    payload = serialize_job(function, (), {"job": job.model_dump(mode="json")}, None, now,
-                            serializer=serialize)
-    admitted = await redis.register_script(ADMIT)(
-        keys=[keys.queue(job.model), job_key_prefix + job.id, keys.model_prefer(job.model),
-              keys.batch_lines(job.model)],
-        args=[settings.queue_limit, redis.expires_extra_ms, payload, score, job.id,
-              routed.worker if routed else "", int(job.background)])
+    async with route.deciding(job, workers, settings):
+        if isinstance(job, GenerationJob):
+            job.route = meta.route = routed = await route.choose(redis, job, workers, settings)
+        now = timestamp_ms()
+        score = now if job.background else now - AHEAD_MS
+        function = EMBED if isinstance(job, EmbeddingJob) else GENERATE
+        payload = serialize_job(function, (), {"job": job.model_dump(mode="json")}, None, now,
+                                serializer=serialize)
+        admitted = await redis.register_script(ADMIT)(
+            keys=[keys.queue(job.model), job_key_prefix + job.id, keys.model_prefer(job.model),
+                  keys.batch_lines(job.model)],
+            args=[settings.queue_limit, redis.expires_extra_ms, payload, score, job.id,
+                  routed.worker if routed else "", int(job.background)])
     if not admitted:
         raise QueueFull(f"Too many requests queued for model '{job.model}'; retry shortly")
     async with redis.pipeline(transaction=False) as pipe:

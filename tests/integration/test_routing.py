@@ -7,8 +7,10 @@ the route the handler chose is in the job's metadata.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -206,6 +208,34 @@ def test_an_idle_worker_takes_a_job_left_waiting_for_a_busy_one(
         assert still_held == 2  # it did not wait for a hog to end (no timing: CI is slow)
     finally:
         web.stop()
+
+
+def test_new_conversations_arriving_together_share_the_workers(
+        workers: list[Proc], http: httpx.Client, rds: redis.Redis) -> None:
+    """Four first turns sent at once, three times: each worker is routed two of each four (the
+    web process decides one route at a time, so each decision counts the last; at once, all four
+    read the same loads and could all go to one worker, their later turns after them)."""
+    async def burst(system: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=60) as client:
+            async def first_turn(topic: str) -> dict[str, Any]:
+                r = await client.post("/v1/chat/completions", json={
+                    "model": MODEL, "max_tokens": 24, "ignore_eos": True, "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"Name {topic}."}]})
+                assert r.status_code == 200, r.text
+                return dict(r.json())
+            return await asyncio.gather(*(first_turn(t) for t in ("a fish", "a knot", "a ship",
+                                                                   "a port")))
+
+    for n in range(3):
+        deadline = time.monotonic() + 30  # the jobs before (another test's) are over
+        while any(int(v) for v in rds.hvals(keys.model_load(MODEL))):
+            assert time.monotonic() < deadline, rds.hgetall(keys.model_load(MODEL))
+            time.sleep(0.05)
+        system = f"You answer in one word. Burst {n} of {time.time_ns()}. " * 4  # cached nowhere
+        routes = [route_of(rds, a) for a in asyncio.run(burst(system))]
+        assert all(r is not None and r["decision"] == "miss" for r in routes), routes
+        assert sorted(Counter(r["worker"] for r in routes).values()) == [2, 2], routes
 
 
 def test_a_dead_workers_cache_map_goes_with_it(
