@@ -167,7 +167,8 @@ class _CompletionBase(BaseModel):
     stop: list[str] = []
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repeat_penalty: float = Field(1.0, ge=0)
+    # llama.cpp divides positive logits by it: 0, or a tiny or huge value, makes them infinite
+    repeat_penalty: float = Field(1.0, ge=0.01, le=100)
     seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None

@@ -60,6 +60,25 @@ def test_completion_schema_violations(
     assert error_of(http.post("/v1/completions", json=body), 400)["param"] == param
 
 
+@pytest.mark.parametrize(
+    "patch",
+    [{"repeat_penalty": 3.402823466e38, "temperature": 0.4},
+     {"repeat_penalty": 0, "temperature": 0.4},
+     {"ignore_eos": True, "response_format": {"type": "json_object"}, "temperature": 0.4}],
+)
+def test_sampling_that_would_abort_llama_cpp_is_refused(
+    http: httpx.Client, patch: dict[str, object]
+) -> None:
+    """Found by schemathesis: a completed grammar allows only the end, which ignore_eos bans, and
+    a repeat_penalty of 0 or 3.4e38 makes logits infinite; llama.cpp then accepted a token the
+    grammar rejects and aborted the worker (std::runtime_error through ctypes)."""
+    body = {"model": SMOLLM, "prompt": "Return a JSON object.", "max_tokens": 60, **patch}
+    param = "ignore_eos" if "ignore_eos" in patch else "repeat_penalty"
+    assert error_of(http.post("/v1/completions", json=body), 400)["param"] == param
+    r = http.post("/v1/completions", json={"model": SMOLLM, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # the worker is alive
+
+
 def test_missing_prompt(http: httpx.Client) -> None:
     err = error_of(http.post("/v1/completions", json={"model": SMOLLM}), 400)
     assert err["param"] == "prompt" and err["code"] == "missing_required_parameter"

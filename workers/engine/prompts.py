@@ -68,6 +68,11 @@ class PromptBuilder:
         if bad := [t for t in bias if not 0 <= t < self.n_vocab]:
             raise InvalidRequest(f"logit_bias has token ids out of range: {bad[:5]}",
                                  param="logit_bias")
+        if s.ignore_eos and grammar is not None:
+            # A grammar that has matched allows only the end, which ignore_eos bans: llama.cpp
+            # would pick a token the grammar rejects and abort the worker.
+            raise InvalidRequest("ignore_eos cannot be used with JSON output or tools, which "
+                                 "must end where their grammar ends", param="ignore_eos")
         if s.ignore_eos:
             bias.update({t: float("-inf") for t in self.eog()})
         groups = []
