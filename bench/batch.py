@@ -39,11 +39,11 @@ from shared.registry.models import resolve  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 
 
-def batch_file(lines: int, tokens: int, tag: str) -> bytes:
+def batch_file(lines: int, tokens: int, tag: str, model: str = MODEL) -> bytes:
     """`lines` chat requests, each its own prompt (`tag` keeps runs apart: no prompt cache hit)."""
     return b"".join(orjson.dumps({
         "custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"model": MODEL, "max_tokens": tokens, "ignore_eos": True, "messages": [
+        "body": {"model": model, "max_tokens": tokens, "ignore_eos": True, "messages": [
             {"role": "user", "content": f"{tag} request {i}: write a sentence about the sea."}]},
     }) + b"\n" for i in range(lines))
 
@@ -92,14 +92,15 @@ def peers(url: str, args: argparse.Namespace, rnd: int) -> tuple[str, float]:
     """The peer at each --concurrency: what it did, and its best output tokens/s."""
     line, best = "", 0.0
     for c in args.concurrency:
-        peer_s, peer_tokens = run_peer(url, batch_file(args.lines, args.tokens, f"Peer{rnd}c{c}"), c)
+        data = batch_file(args.lines, args.tokens, f"Peer{rnd}c{c}", args.model)
+        peer_s, peer_tokens = run_peer(url, data, c)
         best = max(best, peer_tokens / peer_s)
         line += f", llama-server c{c} {peer_s:.1f} s ({peer_tokens / peer_s:.0f} tokens/s)"
     return line, best
 
 
-def ttft(http: httpx.Client, i: int) -> float:
-    body = {"model": MODEL, "max_tokens": 4, "stream": True, "messages": [
+def ttft(http: httpx.Client, i: int, model: str = MODEL) -> float:
+    body = {"model": model, "max_tokens": 4, "stream": True, "messages": [
         {"role": "user", "content": f"Probe {i}: say hi."}]}
     start = time.perf_counter()
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -113,15 +114,16 @@ def ttft(http: httpx.Client, i: int) -> float:
     raise RuntimeError("no token came")
 
 
-def probes(http: httpx.Client, count: int, gap_s: float = 0.5) -> list[float]:
+def probes(http: httpx.Client, count: int, gap_s: float = 0.5, model: str = MODEL) -> list[float]:
     out = []
     for i in range(count):
-        out.append(ttft(http, i))
+        out.append(ttft(http, i, model))
         time.sleep(gap_s)
     return out
 
 
-def interactive(base: str, streams: int, count: int, gap_s: float = 0.5) -> list[float]:
+def interactive(base: str, streams: int, count: int, gap_s: float = 0.5,
+                model: str = MODEL) -> list[float]:
     """`streams` users at once, each streaming `count` short answers one after another, `gap_s`
     apart: every request's TTFT."""
     out: list[float] = []
@@ -130,7 +132,7 @@ def interactive(base: str, streams: int, count: int, gap_s: float = 0.5) -> list
     def user(u: int) -> None:
         with httpx.Client(base_url=base, timeout=600) as http:
             for i in range(count):
-                first = ttft(http, u * 1000 + i)
+                first = ttft(http, u * 1000 + i, model)
                 with lock:
                     out.append(first)
                 time.sleep(gap_s)
@@ -158,7 +160,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="both sides")
     p.add_argument("--ctx", type=int, default=4096, help="context, shared by the sequences")
     p.add_argument("--rounds", type=int, default=1, help="batch-alone (and peer) runs")
+    p.add_argument("--model-path", type=Path, metavar="GGUF", help=f"default: bundled {MODEL}")
     args = p.parse_args()
+    # The model's id in requests, the worker's --model, and the GGUF llama-server loads.
+    record = resolve(str(args.model_path or MODEL), Path("/nonexistent"))
+    args.model, worker_model = record.id, str(args.model_path.resolve()) if args.model_path else MODEL
     if args.peer and not (PEERS / "llama-server").is_file():
         p.error(f"{PEERS / 'llama-server'} is missing: run `make peers` first")
     logs = Path(tempfile.mkdtemp(prefix="ferry-batch-bench-"))
@@ -170,25 +176,25 @@ def main() -> None:
                     FERRY_CTX_LEN=str(args.ctx), FERRY_N_BATCH="512", PYTHONUNBUFFERED="1")
         ferry = [sys.executable, "-m", "ferry"]
         device = ["--gpu", str(args.gpu)] if args.gpu is not None else ["--cpu"]
-        procs.start("ferry-worker", [*ferry, "worker", "--model", MODEL, *device], fenv)
+        procs.start("ferry-worker", [*ferry, "worker", "--model", worker_model, *device], fenv)
         procs.start("ferry-web", [*ferry, "web", "--port", str(port)], fenv)
         base = f"http://127.0.0.1:{port}"
         procs.wait_healthy("ferry-web", base)
         peer = f"http://127.0.0.1:{(peer_port := free_port())}"
         if args.peer:
             procs.start("llama-server", [
-                str(PEERS / "llama-server"), "-m", resolve(MODEL, Path("/nonexistent")).path,
+                str(PEERS / "llama-server"), "-m", record.path,
                 "--host", "127.0.0.1", "--port", str(peer_port), "-np", str(args.parallel),
                 "-kvu", "-c", str(args.ctx), "-b", "512", "-ub", "512", "-t", str(args.threads),
                 "-tb", str(args.threads), "-ngl", "999" if args.gpu is not None else "0",
-                "--alias", MODEL, "--no-webui"], device_env(args.gpu))
+                "--alias", args.model, "--no-webui"], device_env(args.gpu))
             procs.wait_healthy("llama-server", peer)
         with httpx.Client(base_url=base, timeout=600) as http:
-            probes(http, 3)  # warm up
-            idle = probes(http, args.probes)
-            idle_streams = interactive(base, args.streams, args.probes // 2)
+            probes(http, 3, model=args.model)  # warm up
+            idle = probes(http, args.probes, model=args.model)
+            idle_streams = interactive(base, args.streams, args.probes // 2, model=args.model)
             if args.peer:
-                run_peer(peer, batch_file(16, 4, "Warm"), max(args.concurrency))
+                run_peer(peer, batch_file(16, 4, "Warm", args.model), max(args.concurrency))
             ratios = []
             for rnd in range(args.rounds):
                 # each round: Ferry's batch alone and the peer, in turn first (drift hits both)
@@ -196,7 +202,8 @@ def main() -> None:
                 if args.peer and rnd % 2:
                     peer_line, best = peers(peer, args, rnd)
                 time.sleep(2)  # the interactive probes' last jobs gone: the batch alone
-                alone_s, batch = run_batch(http, batch_file(args.lines, args.tokens, f"Alone{rnd}"))
+                data = batch_file(args.lines, args.tokens, f"Alone{rnd}", args.model)
+                alone_s, batch = run_batch(http, data)
                 tokens = batch["usage"]["output_tokens"]  # type: ignore[index]
                 if args.peer and not rnd % 2:
                     peer_line, best = peers(peer, args, rnd)
@@ -205,11 +212,11 @@ def main() -> None:
                     ratios.append((tokens / alone_s) / best)
                     line += f"{peer_line}, ratio to the best {ratios[-1]:.2f}"
                 print(line, flush=True)
-            data = batch_file(args.lines, args.tokens, "Probed")
+            data = batch_file(args.lines, args.tokens, "Probed", args.model)
             during: list[float] = []
             prober = httpx.Client(base_url=base, timeout=600)
             runner = threading.Thread(target=lambda: during.extend(
-                probes(prober, args.probes, gap_s=max(0.5, alone_s / args.probes / 2))))
+                probes(prober, args.probes, gap_s=max(0.5, alone_s / args.probes / 2), model=args.model)))
             runner.start()
             loaded_s, _ = run_batch(http, data)
             runner.join()
@@ -217,9 +224,9 @@ def main() -> None:
             # the same users as idle, while a batch as long as the first runs
             busy: list[float] = []
             users = threading.Thread(target=lambda: (time.sleep(3), busy.extend(
-                interactive(base, args.streams, args.probes // 2))))
+                interactive(base, args.streams, args.probes // 2, model=args.model))))
             users.start()
-            streams_s, _ = run_batch(http, batch_file(args.lines, args.tokens, "Streams"))
+            streams_s, _ = run_batch(http, batch_file(args.lines, args.tokens, "Streams", args.model))
             users.join()
         counts = batch["request_counts"]
         print(f"batch of {args.lines} chat requests x {args.tokens} tokens: {alone_s:.1f} s "
