@@ -12,7 +12,7 @@ and chat template, so every API works against it.
 
 Shapes (hidden, layers, feed-forward, heads, KV heads) follow well-known open models: 1b is
 TinyLlama-1.1B's, 3b Llama 3.2 3B's, 8b Llama 3.1 8B's; with SmolLM2's 49,152-token vocabulary
-(untied output) they come to about 1.2B, 3.0B and 7.2B parameters.
+(untied output) they come to about 1.2B, 3.1B and 7.4B parameters.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ join between steps and leave when they finish or are cancelled.
 Interactive tasks go first. Batch lines (background tasks) may fill every sequence while none
 is in; while one is, at most `interactive` (`FERRY_PARALLEL`) sequences work, so a step is as
 short as with interactive jobs alone, and an interactive task pauses batch lines to start.
+A step takes only as many of batch lines' prompt tokens as the engine decodes in `STEP_S`, so an
+interactive request never comes during a step as long as many lines' prompts together.
 
 A finished sequence keeps its KV cache, and `PrefixCache` gives a new prompt the free sequence
 sharing the longest prefix with it, so only the rest is decoded; idle sequences' caches move to
