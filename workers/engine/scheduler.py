@@ -53,8 +53,12 @@ INTERACTIVE_HOLD_S = 2.0
 # interactive request that comes then waits for a step as long as all of them (on the CPU with a
 # 1B model, 4 streams' TTFT p95 beside a batch was 6.4x idle). On the CPU a prompt token costs the
 # same in chunks of 64 as of 512; a GPU decodes 512 in well under STEP_S, so nothing changes there.
+# While interactive jobs are in (held), lines' prompts get only what is left of STEP_S after the
+# step's other tokens, at least HELD_PROMPT_TOKENS: a 64-token floor made every step of 4 users
+# beside a batch of the 1B model ~1.1 s.
 STEP_S = 0.25
 LINE_PROMPT_TOKENS = 64
+HELD_PROMPT_TOKENS = 8
 
 
 class Scheduler:
@@ -286,21 +290,27 @@ class Scheduler:
             seq.row = -1
             if seq.state is State.GENERATING and b.n_tokens < self.n_batch:
                 add(seq, [seq.next], True)
-        lines_room = self.lines_room(b.n_tokens)
+        lines_room: int | None = None  # set once the interactive prompts are in
         for seq in sorted(self.seqs, key=lambda s: s.task is not None and s.task.background):
             line = seq.task is not None and seq.task.background
+            if line and lines_room is None:
+                lines_room = self.lines_room(b.n_tokens)
             room = min(self.n_batch - b.n_tokens, lines_room if line else self.n_batch)
             if seq.state is State.PROMPT and seq.todo and room > 0:
                 add(seq, seq.todo[:room], len(seq.todo) <= room)
-                lines_room -= min(len(seq.todo), room) if line else 0
+                if line:
+                    lines_room -= min(len(seq.todo), room)
         return rows
 
-    def lines_room(self, generating: int) -> int:
-        """How many of batch lines' prompt tokens a step with `generating` sequences may carry
-        (`STEP_S`)."""
+    def lines_room(self, others: int) -> int:
+        """How many of batch lines' prompt tokens a step holding `others` tokens (generating
+        sequences, interactive prompts) may carry besides (`STEP_S`)."""
         if not self.token_s:
             return self.n_batch
-        return max(LINE_PROMPT_TOKENS, generating, int(STEP_S / self.token_s))
+        budget = int(STEP_S / self.token_s)
+        if time.monotonic() < self.held_until:
+            return max(HELD_PROMPT_TOKENS, budget - others)
+        return max(LINE_PROMPT_TOKENS, others, budget)
 
     def _end_largest(self) -> None:
         """The KV cache is full with nothing idle to drop: end the sequence holding the most,
