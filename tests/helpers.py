@@ -32,6 +32,32 @@ def smollm_path() -> Path:
     return Path(models.resolve(SMOLLM, Path("/nonexistent")).path)
 
 
+@contextmanager
+def smollm_in_process() -> Iterator[Any]:
+    """SmolLM2 loaded in this process (a `LlamaModel`), for tests of the engine without a worker."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel
+
+    llama_cpp.llama_backend_init()
+    model = LlamaModel(path_model=str(smollm_path()),
+                       params=llama_cpp.llama_model_default_params(), verbose=False)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def engine_context(model: Any, n_ctx: int, n_batch: int, sequences: int) -> Any:
+    """A `LlamaContext` on `model` as the engine makes one: `sequences` sharing one KV cache."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+    params.n_seq_max, params.kv_unified = sequences, True
+    return LlamaContext(model=model, params=params, verbose=False)
+
+
 def own_model(tmp_path: Path, name: str) -> Path:
     """SmolLM2's file under a name of the test's own: only that test's worker serves it, so the
     test may kill or stop that worker without harm to the others."""

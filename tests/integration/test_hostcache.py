@@ -15,10 +15,10 @@ from typing import Any
 
 import llama_cpp
 import pytest
-from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+from llama_cpp._internals import LlamaModel, LlamaSampler
 
 from shared.jobs import Delta, Final
-from tests.helpers import smollm_path
+from tests.helpers import engine_context, smollm_in_process
 from workers.engine.choice import Choice
 from workers.engine.prefix_cache import common_prefix
 from workers.engine.scheduler import Scheduler
@@ -48,19 +48,13 @@ def post(answer: Any, messages: Any, done: bool) -> None:
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LlamaModel]:
-    llama_cpp.llama_backend_init()
-    m = LlamaModel(path_model=str(smollm_path()), params=llama_cpp.llama_model_default_params(),
-                   verbose=False)
-    yield m
-    m.close()
+    with smollm_in_process() as m:
+        yield m
 
 
 @contextmanager
 def scheduler(model: LlamaModel, host_bytes: int, parallel: int = 4) -> Iterator[Scheduler]:
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = 1024, 64, 64
-    params.n_seq_max, params.kv_unified = parallel, True
-    ctx = LlamaContext(model=model, params=params, verbose=False)
+    ctx = engine_context(model, 1024, 64, parallel)
     s = Scheduler(model, ctx, 1024, post, host_bytes=host_bytes)
     try:
         yield s

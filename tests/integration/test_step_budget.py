@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import llama_cpp
 import pytest
-from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+from llama_cpp._internals import LlamaModel, LlamaSampler
 
-from tests.helpers import smollm_path
+from tests.helpers import engine_context, smollm_in_process
 from workers.engine.choice import Choice
 from workers.engine.scheduler import (
     HELD_PROMPT_TOKENS,
@@ -67,19 +66,13 @@ class Recording(Scheduler):
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[LlamaModel]:
-    llama_cpp.llama_backend_init()
-    m = LlamaModel(path_model=str(smollm_path()), params=llama_cpp.llama_model_default_params(),
-                   verbose=False)
-    yield m
-    m.close()
+    with smollm_in_process() as m:
+        yield m
 
 
 @pytest.fixture
 def scheduler(model: LlamaModel) -> Iterator[Recording]:
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = 2048, 512, 512
-    params.n_seq_max, params.kv_unified = SEQUENCES, True
-    ctx = LlamaContext(model=model, params=params, verbose=False)
+    ctx = engine_context(model, 2048, 512, SEQUENCES)
     s = Recording(model, ctx, 2048, post, interactive=INTERACTIVE)
     try:
         yield s

@@ -286,20 +286,26 @@ class Scheduler:
             seq.row = b.n_tokens - 1 if logits_last else -1
             rows.append((seq, tokens))
 
+        def prompt(seq: Sequence, room: int) -> int:
+            """Put up to `room` of `seq`'s prompt in; how many went."""
+            if seq.state is not State.PROMPT or not seq.todo or room <= 0:
+                return 0
+            chunk = seq.todo[:room]
+            add(seq, chunk, len(chunk) == len(seq.todo))
+            return len(chunk)
+
         for seq in self.seqs:
             seq.row = -1
             if seq.state is State.GENERATING and b.n_tokens < self.n_batch:
                 add(seq, [seq.next], True)
-        lines_room: int | None = None  # set once the interactive prompts are in
-        for seq in sorted(self.seqs, key=lambda s: s.task is not None and s.task.background):
-            line = seq.task is not None and seq.task.background
-            if line and lines_room is None:
-                lines_room = self.lines_room(b.n_tokens)
-            room = min(self.n_batch - b.n_tokens, lines_room if line else self.n_batch)
-            if seq.state is State.PROMPT and seq.todo and room > 0:
-                add(seq, seq.todo[:room], len(seq.todo) <= room)
-                if line:
-                    lines_room -= min(len(seq.todo), room)
+
+        lines = [s for s in self.seqs if s.task is not None and s.task.background]
+        for seq in self.seqs:
+            if seq not in lines:
+                prompt(seq, self.n_batch - b.n_tokens)
+        lines_room = self.lines_room(b.n_tokens)
+        for seq in lines:
+            lines_room -= prompt(seq, min(self.n_batch - b.n_tokens, lines_room))
         return rows
 
     def lines_room(self, others: int) -> int:
